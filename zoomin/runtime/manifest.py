@@ -1,0 +1,108 @@
+"""`manifest.json`: the only contract between `zoomin-build` and the runtime.
+
+It names every file of an engine with its sha256 and size, the model config the runtime needs, the precision
+and where the engine came from. The runtime refuses an engine whose format it does not know or whose files do
+not match, with one clear line, instead of failing later inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class EngineError(ValueError):
+    """An engine directory that cannot be used; the message names the directory and the problem."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under root (except the manifest itself), by posix relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
+
+
+@dataclass
+class Manifest:
+    precision: str
+    config: ModelConfig
+    files: dict[str, dict[str, Any]]
+    graphs: dict[str, str]  # role ("vision", "decoder", "embed_tokens", ...) -> file name
+    provenance: dict[str, Any]
+    parity: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    def write(self, engine_dir: Path) -> None:
+        self.files = hash_tree(engine_dir)
+        (engine_dir / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, *, verify: str = "size") -> "Manifest":
+        """Read and check an engine's manifest.
+
+        verify: "none", "size" (cheap, default: catches truncated copies) or "sha256" (reads every byte).
+        """
+        root = Path(engine_dir)
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise EngineError(f"{root}: engine directory not found")
+        if not path.is_file():
+            raise EngineError(f"{root}: not an engine directory (no {MANIFEST}); build one with zoomin-build")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EngineError(f"{path}: unreadable manifest ({e})") from None
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EngineError(f"{path}: engine format {version!r}, this runtime reads format {FORMAT_VERSION}; rebuild it")
+        try:
+            m = cls(
+                precision=d["precision"],
+                config=ModelConfig.from_dict(d["config"]),
+                files=d["files"],
+                graphs=d["graphs"],
+                provenance=d.get("provenance", {}),
+                parity=d.get("parity", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise EngineError(f"{path}: malformed manifest (missing {e})") from None
+        if verify != "none":
+            m.verify(root, deep=verify == "sha256")
+        return m
+
+    def verify(self, root: Path, *, deep: bool) -> None:
+        for name, meta in self.files.items():
+            p = root / name
+            if not p.is_file():
+                raise EngineError(f"{root}: file {name} listed in the manifest is missing")
+            if p.stat().st_size != meta["size"]:
+                raise EngineError(f"{root}: file {name} has {p.stat().st_size} bytes, manifest says {meta['size']}")
+            if deep and sha256_file(p) != meta["sha256"]:
+                raise EngineError(f"{root}: file {name} does not match its sha256 in the manifest")
