@@ -1,0 +1,327 @@
+"""Export the Qwen2.5-VL language model (layers, final norm, lm_head) to one ONNX graph with an explicit KV cache.
+
+The graph is a pure function of its inputs: it takes the past keys/values of every layer and returns only the new
+positions' keys/values. That lets the runtime own one preallocated cache per layer, bind the past as a prefix view
+and the present outputs straight into the rows that follow it (see zoomin/runtime/decoder.py), so nothing is
+copied or reallocated per token on the host side.
+
+The torch module below re-implements the transformers text model with plain tensors (no Cache objects, no mask
+helpers) so torch.onnx.export sees a static, readable graph; it shares the Hugging Face weights and reproduces the
+HF logits to float32 rounding.
+
+Graph I/O (B batch, S new tokens, P past tokens, K = logits_to_keep):
+  inputs_embeds  float32 (B, S, hidden)            position_ids int64 (3, B, S)   (M-RoPE rows t, h, w)
+  attention_mask int64   (B, P+S), 1 = attend      logits_to_keep int64 (1,)
+  past_key.{i} / past_value.{i}       cache dtype (B, P, kv_heads, head_dim)   sequence-major on purpose
+  -> logits float32 (B, K, vocab);    present_key.{i} / present_value.{i} cache dtype (B, S, kv_heads, head_dim)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zoomin.runtime.config import TextConfig, text_config
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _cast_linear(src: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    """A Linear holding src's weights in `dtype`; shares the tensors (no copy) when the dtype already matches."""
+    dst = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
+    dst.weight = nn.Parameter(src.weight.detach().to(dtype), requires_grad=False)
+    if src.bias is not None:
+        dst.bias = nn.Parameter(src.bias.detach().to(dtype), requires_grad=False)
+    return dst
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, scale in the compute dtype: the order transformers uses in half precision."""
+
+    def __init__(self, src: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(src.weight.detach().to(dtype), requires_grad=False)
+        self.eps = float(src.variance_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA attention over [past ; new] keys; queries are grouped per KV head so K/V are never repeated."""
+
+    def __init__(self, src: nn.Module, cfg: TextConfig, dtype: torch.dtype):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (_cast_linear(p, dtype) for p in (src.q_proj, src.k_proj, src.v_proj))
+        self.o_proj = _cast_linear(src.o_proj, dtype)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.groups = self.heads // self.kv_heads
+        self.scaling = self.head_dim**-0.5
+
+    def forward(self, x, cos, sin, bias, past_k, past_v):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        # Rotary in float32 whatever the compute dtype; the softmax scale is folded into q here, which keeps
+        # half-precision scores small (same value as scaling after the matmul).
+        q = (rotate(q.float(), cos, sin) * self.scaling).to(x.dtype)
+        k = rotate(k.float(), cos, sin).to(x.dtype)
+        keys = torch.cat([past_k, k], dim=1)  # (B, T, kvh, D)
+        values = torch.cat([past_v, v], dim=1)
+        # (B, S, kvh*g, D) -> (B, kvh, g, S, D): query head h reads KV head h // g, as transformers' repeat_kv does.
+        qg = q.view(b, s, self.kv_heads, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).unsqueeze(2))  # (B, kvh, g, S, T)
+        probs = torch.softmax(scores.float() + bias, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, values.permute(0, 2, 1, 3).unsqueeze(2))  # (B, kvh, g, S, D)
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, s, self.heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on (B, S, heads, D) with cos/sin (B, S, D): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+class MLP(nn.Module):
+    def __init__(self, src: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (
+            _cast_linear(p, dtype) for p in (src.gate_proj, src.up_proj, src.down_proj)
+        )
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, src: nn.Module, cfg: TextConfig, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(src.input_layernorm, dtype)
+        self.self_attn = Attention(src.self_attn, cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(src.post_attention_layernorm, dtype)
+        self.mlp = MLP(src.mlp, dtype)
+
+    def forward(self, x, cos, sin, bias, past_k, past_v):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class TextDecoder(nn.Module):
+    """Qwen2.5-VL text model + lm_head as a function of (embeddings, M-RoPE positions, mask, past KV)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = text_config(model.config.to_dict())
+        lm = model.model.language_model
+        self.dtype = dtype
+        self.layers = nn.ModuleList(Layer(layer, self.cfg, dtype) for layer in lm.layers)
+        self.norm = RMSNorm(lm.norm, dtype)
+        self.lm_head = _cast_linear(model.lm_head, dtype)
+        rope = lm.rotary_emb
+        self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(rope.attention_scaling)
+        self.sections = list(self.cfg.mrope_section)
+
+    def rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, S, head_dim) in float32; frequency band j of mrope_section reads position row j % 3."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # (3, B, S, D/2)
+        bands, start = [], 0
+        for j, width in enumerate(self.sections):
+            bands.append(freqs[j % 3, :, :, start : start + width])
+            start += width
+        emb = torch.cat(bands, dim=-1)
+        emb = torch.cat([emb, emb], dim=-1)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_to_keep, past_keys, past_values):
+        s = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]
+        # Causal + padding mask as an additive float32 bias (B, 1, 1, S, T); query i sits at absolute P + i.
+        query_pos = torch.arange(s, device=inputs_embeds.device) + (total - s)
+        causal = torch.arange(total, device=inputs_embeds.device).unsqueeze(0) <= query_pos.unsqueeze(1)
+        allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
+        cos, sin = self.rope_tables(position_ids)
+
+        x = inputs_embeds.to(self.dtype)
+        presents_k, presents_v = [], []
+        for layer, pk, pv in zip(self.layers, past_keys, past_values):
+            x, k, v = layer(x, cos, sin, bias, pk, pv)
+            presents_k.append(k)
+            presents_v.append(v)
+        keep = logits_to_keep.reshape(-1)[0].item()
+        torch._check(keep >= 1)
+        torch._check(keep <= s)
+        x = x[:, s - keep :]
+        logits = self.lm_head(self.norm(x)).float()
+        return logits, presents_k, presents_v
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in TextDecoder.forward's flattened argument / result order."""
+    inputs = ["inputs_embeds", "position_ids", "attention_mask", "logits_to_keep"]
+    inputs += [f"past_key.{i}" for i in range(num_layers)] + [f"past_value.{i}" for i in range(num_layers)]
+    outputs = ["logits"] + [f"present_key.{i}" for i in range(num_layers)]
+    outputs += [f"present_value.{i}" for i in range(num_layers)]
+    return inputs, outputs
+
+
+def export_decoder(model: nn.Module, out_path: Path, *, precision: str = "fp32", opset: int = 17) -> Path:
+    """Export `model`'s language model + lm_head to `out_path` (weights in `<name>.onnx.data`); returns the path.
+
+    Uses the dynamo exporter (torch.export) with dynamic batch / new / past lengths. torchlib emits opset 18;
+    opset 17 (what older TensorRT releases accept) is reached by a small rewrite, see `_downgrade_to_17`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opset < 17:
+        raise ValueError(f"opset {opset} is not supported (17 or newer)")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    decoder = TextDecoder(model, PRECISIONS[precision]).eval()
+    cfg = decoder.cfg
+    # Example sizes are all distinct and > 1 so that torch.export cannot specialise or equate any dynamic dim.
+    b, s, p = 2, 3, 4
+    kv_shape = (b, p, cfg.num_key_value_heads, cfg.head_dim)
+    args = (
+        torch.zeros(b, s, cfg.hidden_size),
+        torch.arange(s).expand(3, b, s).contiguous(),
+        torch.ones(b, p + s, dtype=torch.int64),
+        torch.tensor([2], dtype=torch.int64),
+        [torch.zeros(kv_shape, dtype=decoder.dtype) for _ in range(cfg.num_hidden_layers)],
+        [torch.zeros(kv_shape, dtype=decoder.dtype) for _ in range(cfg.num_hidden_layers)],
+    )
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    kv_dims = [{0: batch, 1: past}] * cfg.num_hidden_layers
+    # The mask length is past + seq; torch.export infers that relation itself (Dim.AUTO).
+    dynamic = ({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}, None, kv_dims, kv_dims)
+    input_names, output_names = io_names(cfg.num_hidden_layers)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            decoder, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
+            opset_version=max(opset, 18), dynamo=True, external_data=True,
+        )
+    graph = program.model
+    _rename_dims(graph, {graph.graph.inputs[2].shape[1]: "past_plus_seq", graph.graph.outputs[0].shape[1]: "keep"})
+    if opset == 17:
+        _downgrade_to_17(graph)
+    program.save(out_path, external_data=True)
+    return out_path
+
+
+def _rename_dims(model, names: dict) -> None:
+    """Give the exporter's generated symbolic dims (s53, u0, ...) stable names everywhere they occur."""
+    import onnx_ir as ir
+
+    old = {str(k): v for k, v in names.items()}
+    values = [*model.graph.inputs, *model.graph.outputs]
+    values += [out for node in model.graph for out in node.outputs]
+    for value in values:
+        if value.shape is not None and any(str(d) in old for d in value.shape):
+            value.shape = ir.Shape([old.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
+
+
+# Ops whose `axes` moved from attribute to input in opset 18.
+_AXES_INPUT_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                  "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _downgrade_to_17(model) -> None:
+    """Rewrite torchlib's opset-18 graph as opset 17.
+
+    The only opset-18 change this graph uses is Reduce*'s constant `axes` input, which becomes an attribute again.
+    onnx.version_converter cannot do it (it fails on the unoptimised graph and leaves `noop_with_empty_axes` behind
+    on the optimised one) and needs the whole model in one 2 GB protobuf; this pass works on the lazily loaded IR.
+    Any other opset-18 construct would fail onnx.checker's opset-17 schema check in the tests.
+    """
+    import onnx_ir as ir
+
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _AXES_INPUT_18:
+            continue
+        noop = node.attributes.pop("noop_with_empty_axes", None)
+        if noop is not None and noop.value:
+            raise ValueError(f"{node.name}: noop_with_empty_axes=1 has no opset-17 form")
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = node.inputs[1].const_value
+            if axes is None:
+                raise ValueError(f"{node.name}: {node.op_type} axes are not constant; cannot express in opset 17")
+            node.attributes["axes"] = ir.AttrInt64s("axes", [int(a) for a in axes.numpy().reshape(-1)])
+            node.resize_inputs(1)
+        node.version = None
+    model.opset_imports[""] = 17
+    model.graph.opset_imports[""] = 17
+
+
+def image_prompt_positions(model: nn.Module, grid_thw: tuple[int, int, int], text_before: int, text_after: int
+                           ) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions (3, S) and rope delta of `text_before` tokens, one image of `grid_thw`, `text_after` tokens.
+
+    Computed by transformers' own get_rope_index, so parity checks exercise the real position layout (image rows
+    share t, h/w rows walk the merged grid, text after the image resumes at max + 1).
+    """
+    cfg = model.config
+    merge = cfg.vision_config.spatial_merge_size
+    n_image = grid_thw[0] * grid_thw[1] * grid_thw[2] // merge**2
+    text = 0  # any non-special id: only the image-token mask matters for positions
+    ids = [text] * text_before + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_image
+    ids += [cfg.vision_end_token_id] + [text] * text_after
+    ids_t = torch.tensor([ids])
+    positions, delta = model.model.get_rope_index(
+        ids_t, mm_token_type_ids=(ids_t == cfg.image_token_id).int(), image_grid_thw=torch.tensor([grid_thw])
+    )
+    return positions[:, 0], int(delta.reshape(-1)[0])
+
+
+def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max|got - ref| / max|ref|: one figure that does not depend on the logits' overall scale."""
+    ref = np.asarray(ref, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def check_decoder(model: nn.Module, onnx_path: Path, *, grid_thw: tuple[int, int, int] = (1, 6, 4),
+                  text_len: int = 8, decode_steps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Relative logit errors of the exported decoder (run by the runtime's Decoder) against `model` in float32.
+
+    Prefill: an image-bearing prompt (random embedding-table rows as inputs_embeds, real M-RoPE positions), all
+    positions' logits compared. Decode: `decode_steps` single-token steps through the KV cache, positions
+    cache index + rope delta, compared with transformers stepping its own cache. Returns
+    {"prefill": err, "decode": max step err, "decode_steps": [err, ...], "seconds": wall time}.
+    """
+    from zoomin.runtime.decoder import Decoder
+
+    start = time.perf_counter()
+    cfg = text_config(model.config.to_dict())
+    positions, delta = image_prompt_positions(model, grid_thw, text_len // 2, text_len - text_len // 2)
+    s = positions.shape[1]
+    table = model.get_input_embeddings().weight.detach().float()
+    rows = torch.randint(table.shape[0], (s + decode_steps,), generator=torch.Generator().manual_seed(seed))
+    embeds = table[rows]
+    decoder = Decoder.load(onnx_path, cfg)
+    cache = decoder.new_cache(s + decode_steps)
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds[None, :s], position_ids=positions[:, None],
+                    attention_mask=torch.ones(1, s, dtype=torch.long), use_cache=True)
+        got = decoder.forward(embeds[:s].numpy(), positions.numpy(), cache, logits_to_keep=s)
+        result: dict[str, Any] = {"prefill": relative_error(got, ref.logits[0].numpy())}
+        hf_cache, steps = ref.cache, []
+        for i in range(s, s + decode_steps):
+            pos = torch.full((3, 1, 1), i + delta, dtype=torch.long)
+            ref = model(inputs_embeds=embeds[None, i : i + 1], position_ids=pos, cache=hf_cache,
+                        attention_mask=torch.ones(1, i + 1, dtype=torch.long), use_cache=True)
+            hf_cache = ref.cache
+            got = decoder.forward(embeds[i : i + 1].numpy(), pos[:, 0].numpy(), cache)
+            steps.append(relative_error(got, ref.logits[0, -1:].numpy()))
+    result.update(decode=max(steps, default=0.0), decode_steps=steps, seconds=time.perf_counter() - start)
+    return result

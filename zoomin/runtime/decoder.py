@@ -1,0 +1,222 @@
+"""Run the exported Qwen2.5-VL text decoder with a preallocated KV cache that ONNX Runtime reads and writes in place.
+
+The graph (zoomin/build/export_decoder.py) takes the past keys/values in sequence-major layout (B, P, kv_heads,
+head_dim) and returns only the S new rows. With B = 1 the first P rows of a (1, max_len, kv_heads, head_dim)
+buffer are one contiguous block, so IO binding hands ORT a pointer to that prefix as `past_*` and a pointer to rows
+[P, P+S) as `present_*`: the step's new keys land straight in the cache, nothing is copied or reallocated per
+token, and a prefix (e.g. the system prompt) survives any later step untouched, so `truncate(n)` alone rolls a
+cache back to it.
+
+Buffers are numpy arrays on the CPU, or OrtValues allocated on the device for a GPU execution provider
+(`device="cuda"`); both are bound by raw pointer, so the binding code is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnxruntime as ort
+
+from .config import TextConfig
+
+Buffer = Union[np.ndarray, ort.OrtValue]
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class DecoderError(ValueError):
+    """Bad decoder input, a graph that does not match the config, or a full KV cache."""
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers (1, max_len, kv_heads, head_dim); rows [0, length) are valid."""
+
+    keys: list[Buffer]
+    values: list[Buffer]
+    length: int = 0
+    device: str = "cpu"
+    device_id: int = 0
+
+    @classmethod
+    def allocate(cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype=np.float32,
+                 device: str = "cpu", device_id: int = 0) -> "KVCache":
+        if max_len < 1:
+            raise DecoderError(f"KV cache max_len must be >= 1, got {max_len}")
+        shape = (1, max_len, kv_heads, head_dim)
+
+        def buffer() -> Buffer:
+            if device == "cpu":
+                return np.zeros(shape, dtype)  # zero pages: memory is committed only as rows get written
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
+
+        return cls([buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)], 0, device, device_id)
+
+    @property
+    def max_len(self) -> int:
+        return _shape(self.keys[0])[1]
+
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim)."""
+        return tuple(_shape(self.keys[0])[2:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.keys[0].dtype if self.device == "cpu" else _ORT_TYPES[self.keys[0].data_type()])
+
+    def truncate(self, n: int) -> None:
+        """Roll back to the first n positions (kept rows are untouched; later steps overwrite the rest)."""
+        if not 0 <= n <= self.length:
+            raise DecoderError(f"cannot truncate a KV cache of length {self.length} to {n}")
+        self.length = n
+
+    def copy_prefix(self, n: int | None = None, max_len: int | None = None) -> "KVCache":
+        """A new, independent cache holding this cache's first n positions (default: all of them)."""
+        n = self.length if n is None else n
+        if not 0 <= n <= self.length:
+            raise DecoderError(f"prefix length {n} is outside the cache's valid length {self.length}")
+        out = KVCache.allocate(len(self.keys), max_len or self.max_len, *self.row_shape, dtype=self.dtype,
+                               device=self.device, device_id=self.device_id)
+        out.load_prefix(self, n)
+        return out
+
+    def load_prefix(self, src: "KVCache", n: int | None = None) -> None:
+        """Overwrite this cache with src's first n positions, reusing this cache's buffers."""
+        n = src.length if n is None else n
+        if not 0 <= n <= src.length or n > self.max_len:
+            raise DecoderError(f"cannot load {n} positions from a cache of length {src.length} into max_len "
+                               f"{self.max_len}")
+        if (src.row_shape, src.dtype, len(src.keys)) != (self.row_shape, self.dtype, len(self.keys)):
+            raise DecoderError("KV caches differ in layers, heads, head_dim or dtype")
+        for dst_list, src_list in ((self.keys, src.keys), (self.values, src.values)):
+            for i, (dst, s) in enumerate(zip(dst_list, src_list)):
+                if isinstance(dst, np.ndarray):
+                    dst[:, :n] = _host(s)[:, :n]
+                else:  # device buffers: ORT's Python API has no device-to-device copy, go through the host once
+                    staged = _host(dst)
+                    staged[:, :n] = _host(s)[:, :n]
+                    dst.update_inplace(staged)
+        self.length = n
+
+
+def _shape(buf: Buffer) -> tuple[int, ...]:
+    return tuple(buf.shape) if isinstance(buf, np.ndarray) else tuple(buf.shape())
+
+
+def _host(buf: Buffer) -> np.ndarray:
+    return buf if isinstance(buf, np.ndarray) else buf.numpy()
+
+
+def _ptr(buf: Buffer) -> int:
+    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+
+
+class Decoder:
+    """One step of the text decoder: embeddings + M-RoPE positions in, logits out, KV cache advanced in place."""
+
+    def __init__(self, session: ort.InferenceSession, config: TextConfig):
+        self.session = session
+        self.config = config
+        layers = config.num_hidden_layers
+        self.past_names = [(f"past_key.{i}", f"past_value.{i}") for i in range(layers)]
+        self.present_names = [(f"present_key.{i}", f"present_value.{i}") for i in range(layers)]
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        wanted_in = {"inputs_embeds", "position_ids", "attention_mask", "logits_to_keep"}
+        wanted_in |= {n for pair in self.past_names for n in pair}
+        wanted_out = {"logits"} | {n for pair in self.present_names for n in pair}
+        if set(inputs) != wanted_in or set(outputs) != wanted_out:
+            raise DecoderError(
+                f"decoder graph does not match a {layers}-layer text config: inputs {sorted(inputs)}, outputs "
+                f"{sorted(outputs)}"
+            )
+        kv = inputs["past_key.0"]
+        if kv.type not in _ORT_TYPES or list(kv.shape[2:]) != [config.num_key_value_heads, config.head_dim]:
+            raise DecoderError(f"past_key.0 is {kv.type} {kv.shape}; config wants (B, P, "
+                               f"{config.num_key_value_heads}, {config.head_dim}) float or float16")
+        self.cache_dtype = np.dtype(_ORT_TYPES[kv.type])
+        self._binding = session.io_binding()
+        self._mask = np.ones((1, 0), np.int64)  # grown to the largest cache seen, then sliced per step
+        self._logits: dict[int, np.ndarray] = {}  # (1, K, vocab) output buffers, one per K used
+
+    @classmethod
+    def load(cls, path: str | Path, config: TextConfig, providers: list | None = None,
+             options: ort.SessionOptions | None = None) -> "Decoder":
+        path = Path(path)
+        if not path.is_file():
+            raise DecoderError(f"decoder graph not found: {path}")
+        session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        return cls(session, config)
+
+    def new_cache(self, max_len: int, device: str = "cpu", device_id: int = 0) -> KVCache:
+        c = self.config
+        return KVCache.allocate(c.num_hidden_layers, max_len, c.num_key_value_heads, c.head_dim,
+                                self.cache_dtype, device, device_id)
+
+    def forward(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logits_to_keep: int = 1
+                ) -> np.ndarray:
+        """Run S new positions; returns logits (K, vocab) of the last K of them and advances cache.length by S.
+
+        On the CPU the returned array is a reused output buffer, overwritten by the next call with the same K:
+        copy it to keep it.
+        """
+        embeds, positions = np.asarray(embeds), np.asarray(positions)
+        s, p = self._check(embeds, positions, cache, logits_to_keep)
+        if self._mask.shape[1] < cache.max_len:
+            self._mask = np.ones((1, cache.max_len), np.int64)
+        # Host inputs stay referenced by these locals until the run has finished.
+        host_inputs = {
+            "inputs_embeds": np.ascontiguousarray(embeds, np.float32)[None],
+            "position_ids": np.ascontiguousarray(positions, np.int64)[:, None],
+            "attention_mask": self._mask[:, : p + s],
+            "logits_to_keep": np.array([logits_to_keep], np.int64),
+        }
+        b = self._binding
+        for name, array in host_inputs.items():
+            b.bind_cpu_input(name, array)
+        kv_heads, head_dim = cache.row_shape
+        row_bytes = kv_heads * head_dim * self.cache_dtype.itemsize
+        for (past_k, past_v), (new_k, new_v), key, value in zip(self.past_names, self.present_names,
+                                                                   cache.keys, cache.values):
+            for past, new, buf in ((past_k, new_k, key), (past_v, new_v, value)):
+                base = _ptr(buf)
+                b.bind_input(past, cache.device, cache.device_id, self.cache_dtype, [1, p, kv_heads, head_dim], base)
+                b.bind_output(new, cache.device, cache.device_id, self.cache_dtype, [1, s, kv_heads, head_dim],
+                              base + p * row_bytes)
+        if cache.device == "cpu":
+            logits = self._logits.get(logits_to_keep)
+            if logits is None:
+                logits = self._logits[logits_to_keep] = np.empty(
+                    (1, logits_to_keep, self.config.vocab_size), np.float32)
+            b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        else:
+            b.bind_output("logits", cache.device, cache.device_id)
+        self.session.run_with_iobinding(b)
+        cache.length = p + s
+        if cache.device != "cpu":
+            logits = b.get_outputs()[-1].numpy()  # bound last
+        return logits[0]
+
+    def _check(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, keep: int) -> tuple[int, int]:
+        hidden = self.config.hidden_size
+        if embeds.ndim != 2 or embeds.shape[1] != hidden or embeds.shape[0] < 1:
+            raise DecoderError(f"embeds must be (S, {hidden}) with S >= 1, got {embeds.shape}")
+        s = embeds.shape[0]
+        if positions.shape != (3, s) or not np.issubdtype(positions.dtype, np.integer):
+            raise DecoderError(f"positions must be integer (3, {s}) M-RoPE rows, got {positions.dtype} "
+                               f"{positions.shape}")
+        if not 1 <= keep <= s:
+            raise DecoderError(f"logits_to_keep must be in [1, {s}], got {keep}")
+        if cache.dtype != self.cache_dtype or cache.row_shape != (self.config.num_key_value_heads,
+                                                                  self.config.head_dim):
+            raise DecoderError(f"KV cache {cache.dtype} {cache.row_shape} does not fit this decoder "
+                               f"({self.cache_dtype}, {self.config.num_key_value_heads}, {self.config.head_dim})")
+        if len(cache.keys) != self.config.num_hidden_layers:
+            raise DecoderError(f"KV cache has {len(cache.keys)} layers, decoder {self.config.num_hidden_layers}")
+        if cache.length + s > cache.max_len:
+            raise DecoderError(f"KV cache full: {cache.length} + {s} positions exceed max_len {cache.max_len}")
+        return s, cache.length
