@@ -31,7 +31,7 @@ from zoomin.runtime.config import TextConfig, text_config
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def _cast_linear(src: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+def cast_linear(src: nn.Linear, dtype: torch.dtype) -> nn.Linear:
     """A Linear holding src's weights in `dtype`; shares the tensors (no copy) when the dtype already matches."""
     dst = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
     dst.weight = nn.Parameter(src.weight.detach().to(dtype), requires_grad=False)
@@ -59,8 +59,8 @@ class Attention(nn.Module):
 
     def __init__(self, src: nn.Module, cfg: TextConfig, dtype: torch.dtype):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = (_cast_linear(p, dtype) for p in (src.q_proj, src.k_proj, src.v_proj))
-        self.o_proj = _cast_linear(src.o_proj, dtype)
+        self.q_proj, self.k_proj, self.v_proj = (cast_linear(p, dtype) for p in (src.q_proj, src.k_proj, src.v_proj))
+        self.o_proj = cast_linear(src.o_proj, dtype)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.groups = self.heads // self.kv_heads
         self.scaling = self.head_dim**-0.5
@@ -96,7 +96,7 @@ class MLP(nn.Module):
     def __init__(self, src: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = (
-            _cast_linear(p, dtype) for p in (src.gate_proj, src.up_proj, src.down_proj)
+            cast_linear(p, dtype) for p in (src.gate_proj, src.up_proj, src.down_proj)
         )
 
     def forward(self, x):
@@ -127,7 +127,7 @@ class TextDecoder(nn.Module):
         self.dtype = dtype
         self.layers = nn.ModuleList(Layer(layer, self.cfg, dtype) for layer in lm.layers)
         self.norm = RMSNorm(lm.norm, dtype)
-        self.lm_head = _cast_linear(model.lm_head, dtype)
+        self.lm_head = cast_linear(model.lm_head, dtype)
         rope = lm.rotary_emb
         self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scale = float(rope.attention_scaling)

@@ -1,0 +1,210 @@
+"""Export the Qwen2.5-VL vision tower (patch embed, blocks, patch merger) to one ONNX graph for any image grid.
+
+Everything that depends on the image grid (rotary tables, window and frame groups) is computed on the host by
+`zoomin.runtime.vision_meta` and fed as graph inputs, so a single graph serves every size, aspect ratio and number
+of images per call. See vision_meta for the grouped-attention layout; in short the graph keeps the processor's
+patch order, gathers q/k/v rows into padded groups (windows of 64 patches, or whole frames), attends within each
+group under a key-validity mask and gathers the results back. That is exact: transformers' window permutation and
+its reverse index only exist to make windows contiguous for `cu_seqlens`.
+
+Graph I/O (N patches, Gw windows, Gf frames, Lf longest frame; see vision_meta.vision_inputs):
+  pixel_values float32 (N, 1176)   + vision_meta.META_NAMES   ->   image_embeds float32 (N / 4, out_hidden_size)
+
+fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary and softmax run in float32 (as
+transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
+runs in float32 and the residual stream stays float32 from there to the merger: the 3B tower's last down_proj
+overflows fp16 (TensorRT Edge-LLM keeps it in fp32 for that reason).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from zoomin.runtime.config import VisionConfig, vision_config
+from zoomin.runtime.vision import VisionEncoder
+from zoomin.runtime.vision_meta import META_NAMES, VISION_ROPE_THETA, rotary_inv_freq, vision_inputs
+
+from .export_decoder import PRECISIONS, RMSNorm, cast_linear, rotate
+
+# Grids used by the build's parity check: non-square, partial edge windows, and two images in one call.
+CHECK_GRIDS = ((1, 8, 10), (1, 16, 6), (1, 12, 18))
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index of any shape, exported as one ONNX Gather (plain indexing gives GatherND)."""
+    return x.index_select(0, index.reshape(-1)).reshape(*index.shape, *x.shape[1:])
+
+
+def mask_bias(valid: torch.Tensor) -> torch.Tensor:
+    """(G, L) key validity -> (G, 1, 1, L) additive float32 bias (0 or -inf)."""
+    return torch.where(valid, 0.0, float("-inf"))[:, None, None, :]
+
+
+def grouped_attention(qkv, cos, sin, gather, bias, scatter, heads: int) -> torch.Tensor:
+    """Attention within padded groups of rows: qkv (N, 3*D) -> (N, D).
+
+    gather (G, L) picks each slot's row, bias (G, 1, 1, L) masks padding keys, scatter (N,) picks each row's slot
+    back out of the (G*L) results. cos/sin (G, L, head_dim) are the rotary tables already gathered to the slots.
+    """
+    g, length = gather.shape
+    x = take_rows(qkv, gather).view(g, length, 3, heads, -1)  # (G, L, 3, H, hd)
+    q, k, v = x.unbind(2)
+    scale = q.shape[-1] ** -0.5
+    # Rotary in float32; the softmax scale is folded into q, which keeps half-precision scores small.
+    q = (rotate(q.float(), cos, sin) * scale).to(qkv.dtype).transpose(1, 2)  # (G, H, L, hd)
+    k = rotate(k.float(), cos, sin).to(qkv.dtype).transpose(1, 2)
+    v = v.transpose(1, 2)
+    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)).float() + bias, dim=-1).to(qkv.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(g * length, -1)  # (G*L, D)
+    return take_rows(out, scatter)
+
+
+class Block(nn.Module):
+    def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype, fp32_down: bool):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(src.norm1, dtype), RMSNorm(src.norm2, dtype)
+        self.qkv, self.proj = cast_linear(src.attn.qkv, dtype), cast_linear(src.attn.proj, dtype)
+        mlp = src.mlp
+        self.gate_proj, self.up_proj = cast_linear(mlp.gate_proj, dtype), cast_linear(mlp.up_proj, dtype)
+        self.down_proj = cast_linear(mlp.down_proj, torch.float32 if fp32_down else dtype)
+        self.heads, self.dtype = heads, dtype
+
+    def forward(self, x, cos, sin, gather, bias, scatter):
+        h = self.norm1(x).to(self.dtype)
+        x = x + self.proj(grouped_attention(self.qkv(h), cos, sin, gather, bias, scatter, self.heads)).to(x.dtype)
+        h = self.norm2(x).to(self.dtype)
+        act = nn.functional.silu(self.gate_proj(h)) * self.up_proj(h)
+        down = self.down_proj(act.to(self.down_proj.weight.dtype))
+        return x.to(down.dtype) + down  # float32 from the first fp32 down_proj on
+
+
+class VisionGraph(nn.Module):
+    """transformers' Qwen2_5_VisionTransformerPretrainedModel as a function of pixel_values + host metadata."""
+
+    def __init__(self, visual: nn.Module, cfg: VisionConfig, dtype: torch.dtype = torch.float32,
+                 fp32_down_proj: Collection[int] = ()):
+        super().__init__()
+        inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().numpy()
+        if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
+            raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
+                             f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
+        embed = visual.patch_embed.proj  # Conv3d with kernel == stride over one row of pixel_values == a Linear
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, device="meta")
+        self.patch_embed.weight = nn.Parameter(embed.weight.detach().reshape(cfg.hidden_size, -1).to(dtype),
+                                               requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(b, cfg.num_heads, dtype, fp32_down=i in fp32_down_proj) for i, b in enumerate(visual.blocks))
+        merger = visual.merger
+        self.ln_q = RMSNorm(merger.ln_q, dtype)
+        self.fc1, self.fc2 = cast_linear(merger.mlp[0], dtype), cast_linear(merger.mlp[2], dtype)
+        self.full = frozenset(cfg.fullatt_block_indexes)
+        self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.dtype = dtype
+
+    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_valid, window_scatter,
+                full_gather, full_valid, full_scatter):
+        x = self.patch_embed(pixel_values.to(self.dtype))
+        layouts = {
+            False: (take_rows(rotary_cos, window_gather), take_rows(rotary_sin, window_gather), window_gather,
+                    mask_bias(window_valid), window_scatter),
+            True: (take_rows(rotary_cos, full_gather), take_rows(rotary_sin, full_gather), full_gather,
+                   mask_bias(full_valid), full_scatter),
+        }
+        for i, block in enumerate(self.blocks):
+            x = block(x, *layouts[i in self.full])
+        # Four consecutive patches form one merged unit in the processor's order: no reverse permutation needed.
+        h = self.ln_q(x).to(self.dtype).reshape(-1, self.unit_dim)
+        return self.fc2(nn.functional.gelu(self.fc1(h))).float()
+
+
+def example_inputs(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random pixel_values for `grids` plus their metadata: the graph inputs in order."""
+    grid = np.asarray(grids, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((int(grid.prod(axis=1).sum()), cfg.patch_dim)).astype(np.float32)
+    return {"pixel_values": pixels, **vision_inputs(grid, cfg)}
+
+
+def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", opset: int = 18,
+                  fp32_down_proj: Collection[int] | None = None) -> Path:
+    """Write `out_path` (+ `out_path.data`, the weights) for a transformers Qwen2_5_VLForConditionalGeneration.
+
+    fp32_down_proj: vision blocks whose MLP down_proj stays float32 in an fp16 graph (default: the last block).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"vision precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cfg = vision_config(model.config.to_dict())
+    visual = model.model.visual
+    if fp32_down_proj is None:
+        fp32_down_proj = (cfg.depth - 1,) if precision == "fp16" else ()
+    graph = VisionGraph(visual, cfg, PRECISIONS[precision], fp32_down_proj).eval()
+
+    # Two images of different sizes so that no dynamic dimension is 1 (torch.export would specialise it).
+    example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 8, 10), (1, 12, 18)]).items()}
+    units = torch.export.Dim("merged_units", min=1)
+    patches = cfg.spatial_merge_size**2 * units
+    windows, frames, frame_len = (torch.export.Dim(n, min=1) for n in ("windows", "frames", "frame_len"))
+    dynamic = {
+        "pixel_values": {0: patches}, "rotary_cos": {0: patches}, "rotary_sin": {0: patches},
+        "window_gather": {0: windows}, "window_valid": {0: windows}, "window_scatter": {0: patches},
+        "full_gather": {0: frames, 1: frame_len}, "full_valid": {0: frames, 1: frame_len},
+        "full_scatter": {0: patches},
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # exporter noise: several inputs share one Dim on purpose; torch's own deprecated pytree call
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+        program = torch.onnx.export(
+            graph, (), kwargs=example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+            input_names=["pixel_values", *META_NAMES], output_names=["image_embeds"], optimize=True,
+            verbose=False)
+    output = program.model.graph.outputs[0]
+    output.shape = ir.Shape([ir.SymbolicDim("merged_units"), cfg.out_hidden_size])
+    program.save(str(out_path), external_data=True)
+    return out_path
+
+
+@dataclass(frozen=True)
+class VisionParity:
+    max_rel_err: float  # max|onnx - hf| / max|hf|
+    norm_rel_err: float  # ||onnx - hf|| / ||hf||
+    seconds: float  # onnxruntime encode time
+
+
+def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS, *,
+                  seed: int = 0, encoder: VisionEncoder | None = None) -> VisionParity:
+    """Run the ONNX graph and transformers' `model.model.visual` on the same random pixels, all grids in one call."""
+    cfg = vision_config(model.config.to_dict())
+    grid = np.asarray(grids, dtype=np.int64)
+    pixels = example_inputs(cfg, grid, seed)["pixel_values"]
+    with torch.no_grad():  # the path the language model takes: per-image pooler outputs of model.visual
+        per_image = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output
+    ref = torch.cat(per_image).float().numpy()
+    encoder = encoder or VisionEncoder(onnx_path, cfg)
+    t0 = time.perf_counter()
+    out = encoder.encode(pixels, grid)
+    seconds = time.perf_counter() - t0
+    if out.shape != ref.shape:
+        raise AssertionError(f"{onnx_path}: image_embeds shape {out.shape} != transformers {ref.shape}")
+    diff = out.astype(np.float64) - ref
+    return VisionParity(
+        max_rel_err=float(np.abs(diff).max() / np.abs(ref).max()),
+        norm_rel_err=float(np.linalg.norm(diff) / np.linalg.norm(ref)),
+        seconds=seconds,
+    )
+
+
+def check_vision(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS) -> float:
+    """Max relative error (max|a-b| / max|b|) of the ONNX vision graph against transformers, for build reports."""
+    return vision_parity(model, onnx_path, grids).max_rel_err
