@@ -45,3 +45,32 @@ def hf_model_factory():
         return cache[key]
 
     return load
+
+
+def _build(ckpt, out, precision="fp32"):
+    from zoomin.build.engine import BuildOptions, build_engine
+
+    build_engine(BuildOptions(model=ckpt, out=out, precision=precision), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt, tmp_path_factory):
+    """fp32 engine of the tiny checkpoint, built once per session with zoomin-build's own stages."""
+    return _build(tiny_ckpt, tmp_path_factory.mktemp("engines") / "tiny-fp32")
+
+
+@pytest.fixture(scope="session")
+def small_engine(small_ckpt, tmp_path_factory):
+    return _build(small_ckpt, tmp_path_factory.mktemp("engines") / "small-fp32")
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos from scikit-image (square, landscape, gray) plus a generated tall image, as RGB uint8."""
+    import numpy as np
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    tall = (rng.random((300, 90, 3)) * 255).astype("uint8")
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "camera": data.camera(), "tall": tall}

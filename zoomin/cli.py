@@ -33,3 +33,117 @@ def checkpoint_random(out_dir: Path, shape: str, text_layers: int | None, vision
         raise click.ClickException(f"needs the build extra (pip install 'zoomin[build]'): {e}") from None
     path = write_random_checkpoint(out_dir, shape, text_layers=text_layers, vision_depth=vision_depth, seed=seed)
     click.echo(str(path))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jp2", ".pgm", ".ppm"}
+
+
+def collect_images(inputs: tuple[Path, ...]) -> list[Path]:
+    """Files as given (whatever their suffix: a non-image gets its own error), folders by image suffix, sorted."""
+    out: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def parse_region(text: str) -> tuple[tuple[float, float, float, float], str] | tuple[float, float, float, float]:
+    """`x1,y1,x2,y2` or `x1,y1,x2,y2:label` in original-image pixels."""
+    coords, _, label = text.partition(":")
+    try:
+        values = tuple(float(v) for v in coords.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise click.BadParameter(f"{text!r} is not x1,y1,x2,y2[:label]", param_hint="--region")
+    return (values, label) if label else values
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), help="Engine directory from zoomin-build.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write one JSON object per image (JSON Lines); '-' for stdout.")
+@click.option("--annotate", "annotate_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write each image with its boxes and verdict drawn on it, as PNG, into this folder.")
+@click.option("--region", "regions", multiple=True, metavar="x1,y1,x2,y2[:label]",
+              help="Examine this region (original pixels) instead of the model's own boxes; repeatable. "
+                   "Applies to every image.")
+@click.option("--no-regions", is_flag=True, help="Teacher-force query 1 with no boxes (query 2 sees the full image).")
+@click.option("--no-reuse", is_flag=True, help="Recompute the whole conversation for query 2 (ablation).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Per query [default: protocol's].")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
+              help="onnx: the engine; hf: transformers on the original checkpoint (reference; needs the build extra).")
+@click.option("--model", "model_dir", default=None, help="Checkpoint for --backend hf (or tiny-random).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_reuse, max_new_tokens, device, backend,
+           model_dir, temperature, top_p, seed, threads) -> None:
+    """Run ZoomIn (global scan, then zoomed evidence check) on images or folders of images."""
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    from .runtime import EngineError, Sampling
+    from .runtime.providers import DeviceError
+
+    if regions and no_regions:
+        raise click.UsageError("--region and --no-regions exclude each other")
+    region_list = [parse_region(r) for r in regions] if regions else ([] if no_regions else None)
+    try:
+        zi = _load_detector(backend, engine_dir, model_dir, device, no_reuse, threads)
+    except (EngineError, DeviceError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    files = collect_images(images)
+    if not files:
+        raise click.ClickException("no images found in " + ", ".join(map(str, images)))
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    sink = sys.stdout if json_out == Path("-") else (open(json_out, "w") if json_out else None)
+    failed = 0
+    try:
+        bar = tqdm(files, unit="img", disable=len(files) < 2, file=sys.stderr)
+        for name, result, error in zi.detect_many(bar, regions=region_list, max_new_tokens=max_new_tokens,
+                                                  sampling=sampling):
+            record = {"path": name, "error": error, **(result.to_dict() if result else {})}
+            if sink:
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+            if error:
+                failed += 1
+                tqdm.write(f"error: {error}", file=sys.stderr)
+                continue
+            if annotate_dir:
+                from .runtime.annotate import save_annotated
+
+                save_annotated(zi.decode_image(name), result, annotate_dir / (Path(name).stem + ".png"))
+            if sink is not sys.stdout:
+                score = "-" if result.score is None else f"{result.score:.3f}"
+                tqdm.write(f"{name}\t{result.verdict or 'none'}\tp(generated)={score}\tboxes={len(result.boxes)}"
+                           f"\t{result.timings_ms['total']:.0f} ms")
+    finally:
+        if sink and sink is not sys.stdout:
+            sink.close()
+    if failed:
+        raise click.ClickException(f"{failed} of {len(files)} images failed")
+
+
+def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: bool, threads):
+    if backend == "hf":
+        if not model_dir:
+            raise click.UsageError("--backend hf needs --model CKPT_DIR")
+        try:
+            from .hf_backend import load_hf
+        except ImportError as e:
+            raise click.ClickException(f"--backend hf needs the build extra (pip install 'zoomin[build]'): {e}")
+        return load_hf(model_dir, threads=threads)
+    if not engine_dir:
+        raise click.UsageError("--engine DIR is required (build one with zoomin-build)")
+    from .runtime import ZoomIn
+
+    return ZoomIn.load(engine_dir, device=device, reuse=not no_reuse, threads=threads)

@@ -51,12 +51,12 @@ def validate_checkpoint(model: str | Path) -> Path:
     return ckpt
 
 
-def load_checkpoint(ckpt: Path):
-    """transformers' own loader in fp32 eval mode; a corrupt weight file becomes a CheckpointError."""
+def load_checkpoint(ckpt: Path, dtype: str = "float32"):
+    """transformers' own loader in eval mode (fp32 by default); a corrupt weight file becomes a CheckpointError."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     try:
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype="float32").eval()
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).eval()
     except Exception as e:  # transformers/safetensors raise many types for unreadable weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ckpt}: cannot load weights ({first})") from None

@@ -1,0 +1,58 @@
+"""Load an engine directory: manifest, ONNX Runtime sessions, embedding table, tokenizer and protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chat import ChatTokenizer
+from .config import ModelConfig
+from .decoder import Decoder
+from .manifest import EngineError, Manifest
+from .protocol import Protocol
+from .providers import providers_for, session_options
+from .vision import VisionEncoder
+
+
+@dataclass
+class Engine:
+    root: Path
+    manifest: Manifest
+    protocol: Protocol
+    chat: ChatTokenizer
+    vision: VisionEncoder
+    decoder: Decoder
+    embed_tokens: np.ndarray  # (vocab, hidden), memory-mapped: only the rows looked up are read from disk
+    device: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.manifest.config
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, *, device: str = "cpu", threads: int | None = None,
+             verify: str = "size") -> "Engine":
+        import onnxruntime as ort
+
+        root = Path(engine_dir)
+        manifest = Manifest.load(root, verify=verify)
+        providers = providers_for(device, cache_dir=root / ".trt_cache" if device in ("tensorrt", "jetson") else None)
+        options = session_options(threads)
+        graphs = manifest.graphs
+        try:
+            vision = VisionEncoder(ort.InferenceSession(str(root / graphs["vision"]), options, providers=providers),
+                                   manifest.config.vision)
+            decoder = Decoder(ort.InferenceSession(str(root / graphs["decoder"]), options, providers=providers),
+                              manifest.config.text)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            raise EngineError(f"{root}: cannot load graphs ({str(e).splitlines()[0]})") from None
+        embed = np.load(root / graphs["embed_tokens"], mmap_mode="r")
+        chat = ChatTokenizer.from_file(root / graphs["tokenizer"], manifest.config)
+        protocol = Protocol.load(root / graphs["protocol"])
+        return cls(root, manifest, protocol, chat, vision, decoder, embed, device)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings (len(ids), hidden) as float32 — a gather from the memory-mapped table."""
+        return np.asarray(self.embed_tokens[ids], dtype=np.float32)

@@ -1,0 +1,154 @@
+"""The language model behind the two ZoomIn queries, on ONNX Runtime, with exact KV-cache reuse.
+
+Each `run` gets the whole conversation so far (token ids plus the images whose pads it holds) and prefills only
+what the cache does not hold yet: within one image's conversation that is the new turn (query 2 reuses query 1's
+prompt and answer), across images it is everything after the system-prompt prefix, which is computed once per
+loaded engine. Positions follow M-RoPE from the cached prefix's rope delta, so reuse changes no number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .preprocess import PreprocessedImage
+from .rope import decode_positions, mrope_positions
+from .sampling import Sampler
+
+# observer(generated ids so far, logits for the next token): used for the verdict score.
+StepObserver = Callable[[list[int], np.ndarray], None]
+
+INITIAL_CACHE = 4096  # rows; np.zeros commits memory only for rows written, and the cache grows when needed
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the answer's ids, without the stop token
+    stopped: bool  # ended on <|im_end|> (False: max_new_tokens reached, or teacher-forced)
+    prefill_tokens: int  # tokens run through prefill by this call
+    reused_tokens: int  # tokens whose KV came from the cache
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+def image_runs(ids: np.ndarray, image_token: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image pads, in order: one run per image."""
+    is_img = np.concatenate([[0], (ids == image_token).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(is_img))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def stop_ids(engine_tokens) -> frozenset[int]:
+    return frozenset({engine_tokens.im_end, engine_tokens.endoftext})
+
+
+class OnnxLM:
+    def __init__(self, engine: Engine, *, reuse: bool = True):
+        self.engine = engine
+        self.reuse = reuse
+        self.cache = engine.decoder.new_cache(INITIAL_CACHE)
+        self._ids = np.zeros(0, np.int64)  # ids whose KV rows are in the cache, in order
+        self._positions = np.zeros((3, 0), np.int64)
+        self._limit = 0  # cached ids usable by the next run (a new image caps it at the first image)
+        self._vision: dict[int, np.ndarray] = {}  # id(PreprocessedImage) -> embeds, for this conversation
+
+    def begin(self) -> None:
+        """A new image: keep only the text prefix (system prompt, user turn header) of the cache."""
+        runs = image_runs(self._ids, self.engine.config.tokens.image_pad)
+        self._limit = runs[0][0] if runs else len(self._ids)
+        self._vision.clear()
+
+    def run(self, ids: np.ndarray, images: Sequence[PreprocessedImage], *, forced: Sequence[int] | None = None,
+            max_new_tokens: int, sampler: Sampler, observer: StepObserver | None = None) -> Generation:
+        e = self.engine
+        tok = e.config.tokens
+        full = np.concatenate([ids, np.asarray(forced or [], np.int64)])
+        reuse = self._reusable(full)
+        self._limit = len(full)  # the rest of this conversation may reuse all of it
+        new_ids = full[reuse:]
+
+        t0 = time.perf_counter()
+        runs = image_runs(full, tok.image_pad)
+        if len(runs) != len(images):
+            raise ValueError(f"conversation holds {len(runs)} images but {len(images)} were given")
+        new_images = [(r, im) for r, im in zip(runs, images) if r[0] >= reuse]
+        self._encode_images([im for _, im in new_images])
+        t1 = time.perf_counter()
+
+        past_delta = int(self._positions[:, :reuse].max()) + 1 - reuse if reuse else 0
+        pos, delta = mrope_positions(new_ids, [im.grid_thw for _, im in new_images], image_token_id=tok.image_pad,
+                                     spatial_merge_size=e.config.vision.spatial_merge_size, past_len=reuse,
+                                     past_rope_delta=past_delta)
+        embeds = e.embed(new_ids)
+        for (start, end), im in new_images:
+            embeds[start - reuse:end - reuse] = self._vision[id(im)]
+        self._ensure_capacity(reuse, len(new_ids) + max_new_tokens)
+        self.cache.truncate(reuse)
+        logits = e.decoder.forward(embeds, pos, self.cache, 1)[-1].copy()
+        t2 = time.perf_counter()
+        self._ids = full
+        self._positions = np.concatenate([self._positions[:, :reuse], pos], axis=1)
+
+        gen: list[int] = []
+        stopped = forced is not None
+        if forced is None:
+            stops = stop_ids(tok)
+            for step in range(max_new_tokens):
+                if observer is not None:
+                    observer(gen, logits)
+                token = sampler(logits)
+                if token in stops:
+                    stopped = True
+                    break
+                gen.append(token)
+                if step + 1 == max_new_tokens:
+                    break
+                p = decode_positions(self.cache.length, delta)
+                logits = e.decoder.forward(e.embed(np.array([token])), p, self.cache, 1)[-1].copy()
+                self._ids = np.append(self._ids, token)
+                self._positions = np.concatenate([self._positions, p], axis=1)
+        t3 = time.perf_counter()
+        return Generation(
+            tokens=list(forced) if forced is not None else gen,
+            stopped=stopped,
+            prefill_tokens=len(new_ids),
+            reused_tokens=reuse,
+            vision_ms=(t1 - t0) * 1e3,
+            prefill_ms=(t2 - t1) * 1e3,
+            decode_ms=(t3 - t2) * 1e3,
+        )
+
+    def _reusable(self, ids: np.ndarray) -> int:
+        if not self.reuse:
+            return 0
+        n = min(self._limit, len(self._ids), len(ids) - 1)  # keep >= 1 token to prefill: it gives the logits
+        if n <= 0:
+            return 0
+        diff = np.flatnonzero(self._ids[:n] != ids[:n])
+        return int(diff[0]) if diff.size else n
+
+    def _encode_images(self, images: Sequence[PreprocessedImage]) -> None:
+        todo = [im for im in images if id(im) not in self._vision]
+        if not todo:
+            return
+        merge2 = self.engine.config.vision.spatial_merge_size ** 2
+        embeds = self.engine.vision.encode(np.concatenate([im.pixel_values for im in todo]),
+                                           np.stack([im.grid_thw for im in todo]))
+        offset = 0
+        for im in todo:
+            n = int(np.prod(im.grid_thw)) // merge2
+            self._vision[id(im)] = embeds[offset:offset + n]
+            offset += n
+
+    def _ensure_capacity(self, keep: int, extra: int) -> None:
+        need = keep + extra
+        if need <= self.cache.max_len:
+            return
+        bigger = self.engine.decoder.new_cache(max(need, 2 * self.cache.max_len))
+        bigger.load_prefix(self.cache, min(keep, self.cache.length))
+        self.cache = bigger

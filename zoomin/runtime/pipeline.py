@@ -1,0 +1,248 @@
+"""The ZoomIn job, one named function per stage: decode → preprocess → query 1 (global scan) → boxes → crops →
+query 2 (local evidence check) → verdict.
+
+The stages are backend-agnostic: the same code drives the ONNX engine (`ZoomIn.load`) and the transformers
+reference (`zoomin.hf_backend.load_hf`), so protocol, parsing, crops and token assembly cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol as Interface
+
+import numpy as np
+
+from .chat import ChatTokenizer, Image, Message, Text
+from .config import ModelConfig
+from .crop import CropConfig, box_to_original, make_crop
+from .image_io import ImageError, ImageSource, load_image, source_name
+from .lm import Generation, StepObserver
+from .parse import Box, explanation_text, parse_boxes, parse_verdict
+from .preprocess import PreprocessedImage, preprocess_image
+from .protocol import Protocol
+from .sampling import Sampler, Sampling, VerdictScorer
+
+
+class LanguageModel(Interface):
+    def begin(self) -> None: ...
+
+    def run(self, ids: np.ndarray, images: Sequence[PreprocessedImage], *, forced: Sequence[int] | None,
+            max_new_tokens: int, sampler: Sampler, observer: StepObserver | None) -> Generation: ...
+
+
+@dataclass
+class Region:
+    """One examined region. `box` is in original-image pixels; `crop` is the (margin-expanded) area zoomed."""
+
+    box: tuple[float, float, float, float]
+    label: str | None
+    box_model: tuple[float, float, float, float]  # pixels of the resized image the model saw
+    crop: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class DetectResult:
+    verdict: str | None  # "real" | "generated" | None (no parseable final verdict)
+    score: float | None  # P("generated") at the final verdict word
+    boxes: list[Region]
+    explanation: str  # final (query 2, or query 1 when query 2 is skipped)
+    stage1_explanation: str
+    stage1_verdict: str | None
+    stage1_score: float | None
+    stage1_text: str  # raw answers, special tokens kept
+    final_text: str
+    image_size: tuple[int, int]  # (width, height) of the original
+    model_size: tuple[int, int]  # (width, height) the model saw
+    tokens: dict[str, int] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RegionInput = Sequence[float] | tuple[Sequence[float], str]
+
+
+class ZoomIn:
+    """Two-stage ZoomIn detection. `ZoomIn.load(engine_dir)` for the ONNX engine."""
+
+    def __init__(self, lm: LanguageModel, chat: ChatTokenizer, config: ModelConfig, protocol: Protocol,
+                 *, vocab_size: int):
+        self.lm = lm
+        self.chat = chat
+        self.config = config
+        self.protocol = protocol
+        self._vocab_size = vocab_size
+        self._scorer: VerdictScorer | None = None
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, *, device: str = "cpu", reuse: bool = True, threads: int | None = None,
+             **protocol_overrides: Any) -> "ZoomIn":
+        from .engine import Engine
+        from .lm import OnnxLM
+
+        engine = Engine.load(engine_dir, device=device, threads=threads)
+        protocol = engine.protocol.replace(**protocol_overrides) if protocol_overrides else engine.protocol
+        return cls(OnnxLM(engine, reuse=reuse), engine.chat, engine.config, protocol,
+                   vocab_size=engine.config.text.vocab_size)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+
+    def decode_image(self, image: ImageSource) -> np.ndarray:
+        return load_image(image)
+
+    def preprocess(self, rgb: np.ndarray) -> PreprocessedImage:
+        return preprocess_image(rgb, config=self.config.image)
+
+    def scan_ids(self, pre: PreprocessedImage) -> np.ndarray:
+        return self.chat.encode(_messages(self.protocol.scan_messages()), [pre.grid_thw], add_generation_prompt=True)
+
+    def forced_answer(self, regions: Sequence[RegionInput], pre: PreprocessedImage) -> list[int]:
+        """Query 1's answer written from caller-supplied regions (original pixels), in the protocol's box format."""
+        boxes = []
+        for r in regions:
+            coords, label = (r[0], r[1]) if len(r) == 2 and isinstance(r[1], str) else (r, None)
+            x1, y1, x2, y2 = box_to_original(tuple(float(v) for v in coords), pre.original_hw, pre.resized_hw)
+            boxes.append(Box(round(x1), round(y1), round(x2), round(y2), label))
+        text = self.protocol.format_answer("Regions supplied by the caller.", boxes, None)
+        return self.chat.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def find_boxes(self, answer: str, pre: PreprocessedImage) -> list[Box]:
+        p = self.protocol
+        return parse_boxes(answer, image_hw=pre.resized_hw, max_boxes=p.max_boxes, max_area_frac=p.max_box_area_frac)
+
+    def crops(self, pre: PreprocessedImage, boxes: Sequence[Box]) -> tuple[list[Region], list[PreprocessedImage]]:
+        """Zoomed crops of the boxes (degenerate ones dropped), each preprocessed like a full image."""
+        p, img = self.protocol, self.config.image
+        max_pixels = min(p.crop_max_pixels, img.max_pixels)
+        cfg = CropConfig(margin=p.crop_margin, min_size=p.min_crop_size, factor=img.factor,
+                         min_pixels=min(CropConfig.min_pixels, max_pixels), max_pixels=max_pixels)
+        crop_img_cfg = replace(img, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        regions, crops = [], []
+        for box in boxes:
+            crop = make_crop(pre.image, box.as_tuple(), pre.resized_hw, cfg)
+            if crop is None:
+                continue
+            orig = box_to_original(box.as_tuple(), pre.resized_hw, pre.original_hw)
+            regions.append(Region(box=tuple(orig), label=box.label, box_model=box.as_tuple(), crop=crop.box_original))
+            crops.append(preprocess_image(crop.image, config=crop_img_cfg))
+        return regions, crops
+
+    def check_ids(self, pre: PreprocessedImage, regions: Sequence[Region], crops: Sequence[PreprocessedImage]
+                  ) -> tuple[np.ndarray, list[PreprocessedImage]]:
+        """The query-2 turn appended after query 1's answer, and the images it shows, in order."""
+        boxes = [Box(*r.box_model, r.label) for r in regions]
+        turn = self.protocol.check_messages("", boxes)[-1]
+        images = [pre if part.get("source") == "original" else crops[part["index"]]
+                  for part in turn["content"] if part["type"] == "image"]
+        ids = self.chat.encode_continuation(_messages([turn]), [im.grid_thw for im in images],
+                                            add_generation_prompt=True)
+        return ids, images
+
+    # -- the job ----------------------------------------------------------------------------------------------
+
+    def detect(self, image: ImageSource, *, regions: Sequence[RegionInput] | None = None,
+               max_new_tokens: int | None = None, sampling: Sampling = Sampling()) -> DetectResult:
+        """Run both queries on one image. `regions` (original pixels) teacher-force query 1's boxes."""
+        p = self.protocol
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            times[name] = (now - t) * 1e3
+            t = now
+
+        t_start = t
+        rgb = self.decode_image(image)
+        lap("decode")
+        pre = self.preprocess(rgb)
+        lap("preprocess")
+
+        sampler = Sampler(sampling)
+        self.lm.begin()
+        ids1 = self.scan_ids(pre)
+        forced = self.forced_answer(regions, pre) if regions is not None else None
+        obs1 = self._observer()
+        g1 = self.lm.run(ids1, [pre], forced=forced, max_new_tokens=max_new_tokens or p.max_new_tokens_scan,
+                         sampler=sampler, observer=obs1)
+        t = time.perf_counter()
+        times.update(vision_full=g1.vision_ms, stage1_prefill=g1.prefill_ms, stage1_decode=g1.decode_ms)
+        text1 = self.chat.decode(g1.tokens, skip_special_tokens=False)
+        boxes = self.find_boxes(text1, pre)
+        verdict1 = parse_verdict(text1, p)
+        tokens = {"stage1_prompt": len(ids1), "stage1_generated": 0 if forced else len(g1.tokens),
+                  "system_prefix_reused": g1.reused_tokens, "stage1_prefill": g1.prefill_tokens}
+
+        examined = p.stage2_boxes(boxes, pre.resized_hw)
+        regions_out: list[Region] = []
+        final_text, verdict2, score2 = text1, verdict1, obs1.score
+        if examined is not None:
+            regions_out, crops = self.crops(pre, examined)
+            cont, images2 = self.check_ids(pre, regions_out, crops)
+            lap("crop")
+            ids2 = np.concatenate([ids1, np.asarray(g1.tokens, np.int64), cont])
+            obs2 = self._observer()
+            g2 = self.lm.run(ids2, [pre, *images2], forced=None,
+                             max_new_tokens=max_new_tokens or p.max_new_tokens_check, sampler=sampler, observer=obs2)
+            times.update(vision_crops=g2.vision_ms, stage2_prefill=g2.prefill_ms, stage2_decode=g2.decode_ms)
+            final_text = self.chat.decode(g2.tokens, skip_special_tokens=False)
+            verdict2, score2 = parse_verdict(final_text, p), obs2.score
+            tokens.update(stage2_prompt=len(ids2), reused_prefix=g2.reused_tokens, stage2_prefill=g2.prefill_tokens,
+                          stage2_generated=len(g2.tokens), crops=len(crops))
+        times["total"] = (time.perf_counter() - t_start) * 1e3
+        h, w = pre.original_hw
+        rh, rw = pre.resized_hw
+        return DetectResult(
+            verdict=verdict2.label, score=score2 if verdict2.label is not None else None, boxes=regions_out,
+            explanation=explanation_text(final_text, p), stage1_explanation=explanation_text(text1, p),
+            stage1_verdict=verdict1.label, stage1_score=obs1.score if verdict1.label is not None else None,
+            stage1_text=text1, final_text=final_text, image_size=(w, h), model_size=(rw, rh),
+            tokens=tokens, timings_ms=times)
+
+    def detect_many(self, images: Iterable[ImageSource], **kw: Any) -> Iterator[tuple[str, DetectResult | None,
+                                                                                    str | None]]:
+        """(name, result, error) per image; a bad image yields its error and the batch goes on."""
+        for image in images:
+            name = source_name(image)
+            try:
+                yield name, self.detect(image, **kw), None
+            except ImageError as e:
+                yield name, None, str(e)
+
+    def _observer(self) -> "_ScoreObserver":
+        if self._scorer is None:
+            p = self.protocol
+            self._scorer = VerdictScorer(self.chat.tokenizer, f"<{p.verdict_tag}>", p.real_word, p.generated_word,
+                                         self._vocab_size)
+        return _ScoreObserver(self.chat, self._scorer)
+
+
+class _ScoreObserver:
+    """Feeds each decode step to the verdict scorer; keeps the last score (the final verdict's)."""
+
+    def __init__(self, chat: ChatTokenizer, scorer: VerdictScorer):
+        self.chat, self.scorer = chat, scorer
+        self.score: float | None = None
+
+    def __call__(self, generated: list[int], logits: np.ndarray) -> None:
+        s = self.scorer.step(self.chat.decode(generated, skip_special_tokens=False), logits)
+        if s is not None:
+            self.score = s
+
+
+def _messages(dicts: Sequence[dict[str, Any]]) -> list[Message]:
+    """The protocol's chat-template dicts as chat.Message objects."""
+    out = []
+    for m in dicts:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(Message(m["role"], content))
+        else:
+            out.append(Message(m["role"], tuple(Image() if c["type"] == "image" else Text(c["text"])
+                                                for c in content)))
+    return out
