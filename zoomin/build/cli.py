@@ -7,9 +7,20 @@ from pathlib import Path
 import click
 
 PRECISION_HELP = """Weights/compute precision of the engine.
+
 fp32: reference, any ONNX Runtime device (CPU, CUDA, TensorRT).
+
 fp16: half the size; CUDA/TensorRT native, runs on CPU too (slower).
-int8, int4, fp8: quantized engines (not available in this version)."""
+
+int8: dynamic int8 MatMuls (int8 per-channel weights, activations quantized at run time); ORT CPU and CUDA.
+
+int4: 4-bit block-wise decoder weights (MatMulNBits; GPTQ on the calibration set by default), 8-bit lm_head,
+int8 vision; ORT CPU and CUDA (onnxruntime >= 1.20), not TensorRT.
+
+fp8: QDQ float8 e4m3 graphs (per-channel weights, calibrated activation scales), opset 19; for TensorRT >= 10
+on FP8 GPUs (Ada, Hopper, Blackwell); ORT CPU runs it slowly (how its accuracy is checked).
+
+int8/int4/fp8 calibrate on --calib-images through the ZoomIn protocol and write drift.json."""
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,18 +33,42 @@ int8, int4, fp8: quantized engines (not available in this version)."""
 @click.option("--protocol", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="ZoomIn prompt/output protocol JSON to store with the engine [default: built-in ZoomIn protocol].")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against transformers at the end.")
-def main(model: str, precision: str, out: Path | None, force: bool, protocol: Path | None, no_parity: bool) -> None:
+@click.option("--calib-images", type=click.Path(path_type=Path), default=None,
+              help="int8/int4/fp8: folder of calibration images (with an optional manifest.json of regions) "
+                   "[default: the calibration/ set: real photos and synthetic stand-ins].")
+@click.option("--calib-size", type=int, default=None,
+              help="int8/int4/fp8: number of calibration images, spread over the set [default: all].")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="int4: weights per quantization scale [default: 32].")
+@click.option("--int4-algo", type=click.Choice(["gptq", "hqq", "rtn"]), default=None,
+              help="int4: gptq (uses the calibration activations), hqq (data-free) or rtn (round to nearest) "
+                   "[default: gptq].")
+def main(model: str, precision: str, out: Path | None, force: bool, protocol: Path | None, no_parity: bool,
+         calib_images: Path | None, calib_size: int | None, block_size: str | None, int4_algo: str | None) -> None:
     """Export a Qwen2.5-VL checkpoint to a zoomin engine directory (vision encoder, embedding, KV-cache decoder)."""
+    import json
+
     from .checkpoint import BuildError
+    from .drift import DRIFT_FILE, format_report
     from .engine import BuildOptions, build_engine, summary_lines
 
     name = Path(model).name or "model"
     out = out or Path("engines") / f"{name}-{precision}"
-    opts = BuildOptions(model=Path(model), out=out, precision=precision.lower(), force=force,
-                        protocol=protocol, check_parity=not no_parity)
+    precision = precision.lower()
+    if precision in ("fp32", "fp16") and (calib_images or calib_size is not None):
+        raise click.UsageError("--calib-images/--calib-size apply to the quantized precisions int8, int4, fp8")
+    if precision != "int4" and (block_size or int4_algo):
+        raise click.UsageError("--block-size/--int4-algo apply to --precision int4")
+    opts = BuildOptions(model=Path(model), out=out, precision=precision, force=force, protocol=protocol,
+                        check_parity=not no_parity, calib_images=calib_images, calib_size=calib_size,
+                        block_size=int(block_size or 32), int4_algo=int4_algo or "gptq")
     try:
         result = build_engine(opts, log=lambda s: click.echo(s, err=True))
     except BuildError as e:
         raise click.ClickException(str(e)) from None
     for line in summary_lines(result):
         click.echo(line)
+    drift = result.engine_dir / DRIFT_FILE
+    if drift.is_file():
+        for line in format_report(json.loads(drift.read_text())):
+            click.echo(line)

@@ -39,6 +39,11 @@ class BuildOptions:
     force: bool = False
     protocol: Path | None = None
     check_parity: bool = True
+    # quantized precisions (int8, int4, fp8) only; see zoomin/build/quantize.py and calibration.py
+    calib_images: Path | None = None  # default: the repository's calibration/ set
+    calib_size: int | None = None  # default: every image of the set
+    block_size: int = 32  # int4 weights per scale
+    int4_algo: str = "gptq"
 
 
 @dataclass
@@ -128,47 +133,85 @@ def provenance(ckpt: Path) -> dict:
 
 def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
     """Run every stage; on any failure remove the temporary directory and raise BuildError."""
+    from .calibration import decoder_feeds, load_calibration_set, record, vision_feeds
+    from .drift import measure_drift
     from .export_decoder import check_decoder, export_decoder
     from .export_vision import check_vision, export_vision
+    from .quantize import QUANT_PRECISIONS, QuantConfig, quantize_graph
 
     if opts.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if opts.precision not in ONNX_PRECISIONS:
-        raise BuildError(
-            f"precision {opts.precision} is not available in this version of zoomin-build; "
-            f"available: {', '.join(ONNX_PRECISIONS)}"
-        )
+    quant = QuantConfig(opts.precision, opts.block_size, opts.int4_algo) if opts.precision in QUANT_PRECISIONS else None
     ckpt = validate_checkpoint(opts.model)
     protocol = Protocol.load(opts.protocol) if opts.protocol else Protocol.default()
+    calib = load_calibration_set(opts.calib_images, opts.calib_size) if quant else None
     tmp = prepare_output(opts.out, opts.force)
+    # A quantized build exports the fp32 graphs into a scratch engine inside tmp (removed before publishing),
+    # calibrates on them through the runtime, and writes only the quantized graphs into the engine.
+    ref = tmp / ".fp32-reference" if quant else tmp
+    graph_precision = "fp32" if quant else opts.precision
+    opset = {"opset": quant.export_opset} if quant and quant.export_opset else {}
     times: dict[str, float] = {}
-    total = 7
+    total = 10 if quant else 7
     try:
         with _stage("load checkpoint", 1, total, log, times):
             model = load_checkpoint(ckpt)
             config = ModelConfig.from_checkpoint(ckpt)
-        with _stage(f"export vision encoder ({opts.precision})", 2, total, log, times):
-            export_vision(model, tmp / "vision.onnx", precision=opts.precision)
+        with _stage(f"export vision encoder ({graph_precision})", 2, total, log, times):
+            ref.mkdir(exist_ok=True)
+            export_vision(model, ref / "vision.onnx", precision=graph_precision, **opset)
         with _stage("write token embedding", 3, total, log, times):
-            embed_name = write_embedding(model, tmp, opts.precision)
-        with _stage(f"export language-model decoder ({opts.precision})", 4, total, log, times):
-            export_decoder(model, tmp / "decoder.onnx", precision=opts.precision)
+            embed_name = write_embedding(model, ref, graph_precision)
+            if quant:
+                write_embedding(model, tmp, "fp16")
+        with _stage(f"export language-model decoder ({graph_precision})", 4, total, log, times):
+            export_decoder(model, ref / "decoder.onnx", precision=graph_precision, **opset)
         with _stage("copy tokenizer, preprocessing and protocol", 5, total, log, times):
-            copy_tokenizer(ckpt, tmp)
-            protocol.save(tmp / "protocol.json")
+            for d in {tmp, ref}:
+                copy_tokenizer(ckpt, d)
+                protocol.save(d / "protocol.json")
         parity: dict = {}
-        with _stage("check parity against transformers", 6, total, log, times):
+        with _stage("check parity against transformers" + (" (fp32 reference graphs)" if quant else ""), 6, total,
+                    log, times):
             if opts.check_parity:
-                parity["vision_max_rel_err"] = check_vision(model, tmp / "vision.onnx")
-                parity.update(check_decoder(model, tmp / "decoder.onnx"))
-        with _stage("write manifest", 7, total, log, times):
+                parity["vision_max_rel_err"] = check_vision(model, ref / "vision.onnx")
+                parity.update(check_decoder(model, ref / "decoder.onnx"))
+        graphs = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": embed_name,
+                  "tokenizer": "tokenizer.json", "protocol": "protocol.json"}
+        prov = provenance(ckpt)
+        if quant:
+            del model  # calibration and quantization work on the ONNX graphs
+            with _stage(f"calibrate on {len(calib.images)} images through the ZoomIn protocol", 7, total, log,
+                        times):
+                Manifest(precision="fp32", config=config, files={}, graphs=graphs, provenance={}).write(ref)
+                recording = record(ref, calib)
+                tc = config.text
+                feeds = {"decoder": decoder_feeds(recording, tc.num_hidden_layers, tc.num_key_value_heads,
+                                                  tc.head_dim),
+                         "vision": vision_feeds(recording, config.vision)}
+            with _stage(f"quantize graphs ({opts.precision})", 8, total, log, times):
+                for role in ("vision", "decoder"):
+                    quantize_graph(role, ref / f"{role}.onnx", tmp / f"{role}.onnx", quant, feeds[role],
+                                   tmp / ".quantize-scratch", vocab_size=config.text.vocab_size)
+                shutil.rmtree(tmp / ".quantize-scratch", ignore_errors=True)
+            with _stage("measure drift against the fp32 graphs", 9, total, log, times):
+                drift = measure_drift(recording, tmp, ref, config, opts.precision)
+                drift.calibration, drift.methods = calib.describe(), quant.describe()
+                drift.write(tmp)
+                log(f"drift: KL mean {drift.decoder.kl_mean:.3g}, top-1 agreement {drift.decoder.top1_agreement:.1%}, "
+                    f"vision rel err max {drift.vision_rel_err_max:.3g}, compression x{drift.compression:.2f}")
+            shutil.rmtree(ref)
+            parity = {"reference": parity, "drift": drift.summary()}
+            prov["calibration"] = calib.describe()
+            prov["quantization"] = {"precision": quant.precision, "block_size": quant.block_size,
+                                    "int4_algo": quant.int4_algo, **quant.describe()}
+        with _stage("write manifest", total, total, log, times):
             manifest = Manifest(
                 precision=opts.precision,
                 config=config,
                 files={},
-                graphs={"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": embed_name,
-                        "tokenizer": "tokenizer.json", "protocol": "protocol.json"},
-                provenance=provenance(ckpt),
+                graphs=graphs,
+                provenance=prov,
                 parity=parity,
             )
             manifest.write(tmp)
@@ -188,6 +231,8 @@ def summary_lines(result: BuildResult) -> list[str]:
     lines = [f"engine {result.engine_dir} ({m.precision}, {m.total_bytes / 2**20:.1f} MiB)"]
     for name, meta in sorted(m.files.items()):
         lines.append(f"  {name:<28} {meta['size'] / 2**20:9.2f} MiB")
-    for key, value in m.parity.items():
-        lines.append(f"  parity {key}: {value:.3g}" if isinstance(value, float) else f"  parity {key}: {value}")
+    figures = {k: v for k, v in m.parity.items() if isinstance(v, float) and k != "seconds"}
+    if figures:
+        lines.append("parity vs transformers (max relative error): "
+                     + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
     return lines
