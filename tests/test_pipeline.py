@@ -158,3 +158,17 @@ def test_runtime_import_is_lean(tiny_engine, photos, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_zoom_regions_keep_the_generated_scan(trio, photos):
+    """zoom_regions: query 1 generates as usual, query 2 zooms into the given regions; backends agree."""
+    outs = {}
+    for name, (zi, rec) in trio.items():
+        r = zi.detect(photos["coffee"], zoom_regions=REGIONS["three"], max_new_tokens=MAX_NEW)
+        outs[name] = (r, rec.take())
+    for name in ("reuse", "recompute"):
+        r, calls = outs[name]
+        ref, ref_calls = outs["hf"]
+        assert [c[1] for c in calls] == [c[1] for c in ref_calls]
+        assert r.tokens["stage1_generated"] == len(calls[0][1]) > 0 and r.tokens["crops"] == 3
+        assert [b.label for b in r.boxes] == [None, "hand", "text"]

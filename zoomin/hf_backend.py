@@ -35,10 +35,19 @@ class HfLM:
         model.model.visual.register_forward_pre_hook(self._vision_start)
         model.model.visual.register_forward_hook(self._vision_end)
 
+    def _sync(self) -> None:
+        """Stage timestamps on a GPU need the queued work done first (CUDA runs asynchronously)."""
+        import torch
+
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def _vision_start(self, *_):
+        self._sync()
         self._t_vision = time.perf_counter()
 
     def _vision_end(self, *_):
+        self._sync()
         self._vision_s += time.perf_counter() - self._t_vision
 
     def begin(self) -> None:
@@ -52,10 +61,12 @@ class HfLM:
         if forced is not None:  # teacher-forced answer: query 2 recomputes it with the rest of the conversation
             return Generation(tokens=list(forced), stopped=True, prefill_tokens=0, reused_tokens=0)
         first: list[float] = []
+        sync = self._sync
 
         class FirstToken(LogitsProcessor):
             def __call__(self, input_ids, scores):
                 if not first:
+                    sync()
                     first.append(time.perf_counter())
                 return scores
 
@@ -68,25 +79,30 @@ class HfLM:
         tok = self.config.tokens
         self._vision_s = 0.0
         t0 = time.perf_counter()
+        dev = self.model.device
+        inputs = {
+            "input_ids": torch.from_numpy(ids)[None],
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": torch.from_numpy(np.concatenate([im.pixel_values for im in images])).to(self.model.dtype),
+            "image_grid_thw": torch.from_numpy(np.stack([im.grid_thw for im in images])),
+            # what the processor returns; without it transformers 5.x silently falls back to 1-D positions
+            "mm_token_type_ids": torch.from_numpy((ids == tok.image_pad).astype(np.int64))[None],
+        }
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=torch.from_numpy(ids)[None],
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                # what the processor returns; without it transformers 5.x silently falls back to 1-D positions
-                mm_token_type_ids=torch.from_numpy((ids == tok.image_pad).astype(np.int64))[None],
-                pixel_values=torch.from_numpy(np.concatenate([im.pixel_values for im in images])),
-                image_grid_thw=torch.from_numpy(np.stack([im.grid_thw for im in images])),
+                **{k: v.to(dev) for k, v in inputs.items()},
                 max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids(tok)), pad_token_id=tok.endoftext,
                 logits_processor=LogitsProcessorList([FirstToken()]), output_logits=True,
                 return_dict_in_generate=True, **sample_kw)
+        self._sync()
         t_end = time.perf_counter()
-        gen = out.sequences[0, len(ids):].tolist()
+        gen = out.sequences[0, len(ids):].cpu().tolist()
         stopped = bool(gen) and gen[-1] in stop_ids(tok)
         if stopped:
             gen = gen[:-1]
         if observer is not None:
             for k, step_logits in enumerate(out.logits):
-                observer(gen[:k], step_logits[0].float().numpy())
+                observer(gen[:k], step_logits[0].float().cpu().numpy())
         t_first = first[0] if first else t_end
         vision_ms = self._vision_s * 1e3
         return Generation(tokens=gen, stopped=stopped, prefill_tokens=len(ids), reused_tokens=0,

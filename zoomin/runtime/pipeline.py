@@ -100,14 +100,18 @@ class ZoomIn:
     def scan_ids(self, pre: PreprocessedImage) -> np.ndarray:
         return self.chat.encode(_messages(self.protocol.scan_messages()), [pre.grid_thw], add_generation_prompt=True)
 
-    def forced_answer(self, regions: Sequence[RegionInput], pre: PreprocessedImage) -> list[int]:
-        """Query 1's answer written from caller-supplied regions (original pixels), in the protocol's box format."""
+    def model_boxes(self, regions: Sequence[RegionInput], pre: PreprocessedImage) -> list[Box]:
+        """Caller regions (original pixels, optionally labelled) as integer boxes in model coordinates."""
         boxes = []
         for r in regions:
             coords, label = (r[0], r[1]) if len(r) == 2 and isinstance(r[1], str) else (r, None)
             x1, y1, x2, y2 = box_to_original(tuple(float(v) for v in coords), pre.original_hw, pre.resized_hw)
             boxes.append(Box(round(x1), round(y1), round(x2), round(y2), label))
-        text = self.protocol.format_answer("Regions supplied by the caller.", boxes, None)
+        return boxes
+
+    def forced_answer(self, regions: Sequence[RegionInput], pre: PreprocessedImage) -> list[int]:
+        """Query 1's answer written from caller-supplied regions, in the protocol's box format."""
+        text = self.protocol.format_answer("Regions supplied by the caller.", self.model_boxes(regions, pre), None)
         return self.chat.tokenizer.encode(text, add_special_tokens=False).ids
 
     def find_boxes(self, answer: str, pre: PreprocessedImage) -> list[Box]:
@@ -145,8 +149,14 @@ class ZoomIn:
     # -- the job ----------------------------------------------------------------------------------------------
 
     def detect(self, image: ImageSource, *, regions: Sequence[RegionInput] | None = None,
-               max_new_tokens: int | None = None, sampling: Sampling = Sampling()) -> DetectResult:
-        """Run both queries on one image. `regions` (original pixels) teacher-force query 1's boxes."""
+               zoom_regions: Sequence[RegionInput] | None = None, max_new_tokens: int | None = None,
+               sampling: Sampling = Sampling()) -> DetectResult:
+        """Run both queries on one image.
+
+        regions (original pixels): query 1's answer is teacher-forced from them (its KV is still prefilled).
+        zoom_regions (original pixels): query 1 is generated as usual, but query 2 zooms into these instead of
+        the boxes parsed from its answer (region proposals from elsewhere; a fixed workload for benchmarks).
+        """
         p = self.protocol
         times: dict[str, float] = {}
         t = time.perf_counter()
@@ -178,6 +188,8 @@ class ZoomIn:
         tokens = {"stage1_prompt": len(ids1), "stage1_generated": 0 if forced else len(g1.tokens),
                   "system_prefix_reused": g1.reused_tokens, "stage1_prefill": g1.prefill_tokens}
 
+        if zoom_regions is not None:
+            boxes = self.model_boxes(zoom_regions, pre)
         examined = p.stage2_boxes(boxes, pre.resized_hw)
         regions_out: list[Region] = []
         final_text, verdict2, score2 = text1, verdict1, obs1.score
