@@ -135,8 +135,8 @@ def two_stage(model, ckpt: Path, device: str, repeats: int, max_new: int) -> dic
     regions = [((150, 60, 330, 260), "face"), ((20, 300, 200, 500), "texture")]
     results = {}
     for name, image in (("astronaut_512x512", data.astronaut()), ("coffee_600x400", data.coffee())):
-        zi.detect(image, regions=regions, max_new_tokens=max_new)  # warm-up
-        runs = [zi.detect(image, regions=regions, max_new_tokens=max_new) for _ in range(repeats)]
+        zi.detect(image, zoom_regions=regions, max_new_tokens=max_new)  # warm-up
+        runs = [zi.detect(image, zoom_regions=regions, max_new_tokens=max_new) for _ in range(repeats)]
         stages = {k: statistics.median(r.timings_ms[k] for r in runs) for k in runs[0].timings_ms}
         gen = runs[0].tokens["stage2_generated"]
         results[name] = {"timings_ms_median": stages, "tokens": runs[0].tokens,

@@ -93,7 +93,7 @@ class VisionGraph(nn.Module):
     def __init__(self, visual: nn.Module, cfg: VisionConfig, dtype: torch.dtype = torch.float32,
                  fp32_down_proj: Collection[int] = ()):
         super().__init__()
-        inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().numpy()
+        inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().cpu().numpy()
         if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
             raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
                              f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
