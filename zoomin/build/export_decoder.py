@@ -18,7 +18,10 @@ Graph I/O (B batch, S new tokens, P past tokens, K = logits_to_keep):
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,16 @@ from torch import nn
 from zoomin.runtime.config import TextConfig, text_config
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """torch.onnx.export under no_grad, without the exporter's expected noise: inputs that share one Dim on
+    purpose, and torch's own deprecated pytree call."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+        yield
 
 
 def cast_linear(src: nn.Linear, dtype: torch.dtype) -> nn.Linear:
@@ -207,7 +220,7 @@ def export_decoder(model: nn.Module, out_path: Path, *, precision: str = "fp32",
     # The mask length is past + seq; torch.export infers that relation itself (Dim.AUTO).
     dynamic = ({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}, None, kv_dims, kv_dims)
     input_names, output_names = io_names(cfg.num_hidden_layers)
-    with torch.no_grad():
+    with quiet_export():
         program = torch.onnx.export(
             decoder, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
             opset_version=max(opset, 18), dynamo=True, external_data=True,

@@ -19,7 +19,6 @@ overflows fp16 (TensorRT Edge-LLM keeps it in fp32 for that reason).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from zoomin.runtime.config import VisionConfig, vision_config
 from zoomin.runtime.vision import VisionEncoder
 from zoomin.runtime.vision_meta import META_NAMES, VISION_ROPE_THETA, rotary_inv_freq, vision_inputs
 
-from .export_decoder import PRECISIONS, RMSNorm, cast_linear, rotate
+from .export_decoder import PRECISIONS, RMSNorm, cast_linear, quiet_export, rotate
 
 # Grids used by the build's parity check: non-square, partial edge windows, and two images in one call.
 CHECK_GRIDS = ((1, 8, 10), (1, 16, 6), (1, 12, 18))
@@ -161,10 +160,7 @@ def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", 
     }
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        # exporter noise: several inputs share one Dim on purpose; torch's own deprecated pytree call
-        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
-        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    with quiet_export():
         program = torch.onnx.export(
             graph, (), kwargs=example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
             input_names=["pixel_values", *META_NAMES], output_names=["image_embeds"], optimize=True,
