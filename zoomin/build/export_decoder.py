@@ -19,6 +19,7 @@ Graph I/O (B batch, S new tokens, P past tokens, K = logits_to_keep):
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float
 def quiet_export() -> Iterator[None]:
     """torch.onnx.export under no_grad, without the exporter's expected noise: inputs that share one Dim on
     purpose, and torch's own deprecated pytree call."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "no torchvision"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
