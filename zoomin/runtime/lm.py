@@ -51,7 +51,9 @@ class OnnxLM:
     def __init__(self, engine: Engine, *, reuse: bool = True):
         self.engine = engine
         self.reuse = reuse
-        self.cache = engine.decoder.new_cache(INITIAL_CACHE)
+        # On a GPU the KV cache lives in device memory, so decode steps move no KV across PCIe (not yet run on one).
+        self._kv_device = "cpu" if engine.device == "cpu" else "cuda"
+        self.cache = engine.decoder.new_cache(INITIAL_CACHE, device=self._kv_device)
         self._ids = np.zeros(0, np.int64)  # ids whose KV rows are in the cache, in order
         self._positions = np.zeros((3, 0), np.int64)
         self._limit = 0  # cached ids usable by the next run (a new image caps it at the first image)
@@ -149,6 +151,6 @@ class OnnxLM:
         need = keep + extra
         if need <= self.cache.max_len:
             return
-        bigger = self.engine.decoder.new_cache(max(need, 2 * self.cache.max_len))
+        bigger = self.engine.decoder.new_cache(max(need, 2 * self.cache.max_len), device=self._kv_device)
         bigger.load_prefix(self.cache, min(keep, self.cache.length))
         self.cache = bigger
