@@ -15,7 +15,7 @@ fp16: half the size; CUDA/TensorRT native, runs on CPU too (slower).
 int8: dynamic int8 MatMuls (int8 per-channel weights, activations quantized at run time); ORT CPU and CUDA.
 
 int4: 4-bit block-wise decoder weights (MatMulNBits; GPTQ on the calibration set by default), 8-bit lm_head,
-int8 vision; ORT CPU and CUDA (onnxruntime >= 1.20), not TensorRT.
+int8 vision; ORT CPU and CUDA (com.microsoft MatMulNBits), not TensorRT.
 
 fp8: QDQ float8 e4m3 graphs (per-channel weights, calibrated activation scales), opset 19; for TensorRT >= 10
 on FP8 GPUs (Ada, Hopper, Blackwell); ORT CPU runs it slowly (how its accuracy is checked).

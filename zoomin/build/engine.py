@@ -25,7 +25,6 @@ from ..runtime.protocol import Protocol
 from .checkpoint import BuildError, load_checkpoint, validate_checkpoint
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
-ONNX_PRECISIONS = ("fp32", "fp16")
 
 # Files copied verbatim from the checkpoint: the runtime tokenizes and preprocesses from these.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json")
