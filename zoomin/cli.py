@@ -35,11 +35,10 @@ def checkpoint_random(out_dir: Path, shape: str, text_layers: int | None, vision
     click.echo(str(path))
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jp2", ".pgm", ".ppm"}
-
-
 def collect_images(inputs: tuple[Path, ...]) -> list[Path]:
     """Files as given (whatever their suffix: a non-image gets its own error), folders by image suffix, sorted."""
+    from .runtime.image_io import IMAGE_SUFFIXES
+
     out: list[Path] = []
     for p in inputs:
         if p.is_dir():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from ..cli import IMAGE_SUFFIXES
+from ..runtime.image_io import IMAGE_SUFFIXES
 from ..runtime.image_io import ImageError, load_image
 from ..runtime.manifest import sha256_file
 from ..runtime.vision_meta import vision_inputs

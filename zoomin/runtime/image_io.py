@@ -33,6 +33,11 @@ MIN_SIDE = 14
 _ORIENTATION_TAG = 0x0112
 
 
+# Suffixes taken when a folder of images is given (a file named explicitly is tried whatever its suffix).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jp2", ".pgm",
+                            ".ppm"})
+
+
 class ImageError(ValueError):
     """An input that cannot be used as an image; the message names the source and the problem."""
 
