@@ -13,11 +13,11 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .machine import busy_cpu_seconds
+from .machine import background_cores, busy_cpu_seconds
 from .workload import ScriptedLM, Workload, run_scripted, scripts_for
 
 STAGES = ("decode", "preprocess", "vision_full", "stage1_prefill", "stage1_decode", "crop", "vision_crops",
@@ -149,7 +149,8 @@ def _serve(conn, job: Job, images: list[str]) -> None:
             from ..runtime.pipeline import ZoomIn
 
             lm = OnnxLM(zi.lm.inner.engine, reuse=False)
-            detectors[False] = ZoomIn(ScriptedLM(lm), zi.chat, zi.config, zi.protocol, vocab_size=zi.config.text.vocab_size)
+            detectors[False] = ZoomIn(ScriptedLM(lm), zi.chat, zi.config, zi.protocol,
+                                      vocab_size=zi.config.text.vocab_size)
         scripts = {p: scripts_for(zi, zi.preprocess(zi.decode_image(p)), job.workload) for p in images}
         conn.send((True, {"load_s": time.perf_counter() - t0}))
     except Exception as e:
@@ -236,15 +237,44 @@ def backend_info(zi, job: Job) -> dict:
 
 
 
+class QuietGate:
+    """Holds each timed run until other processes leave the cores alone, within a total waiting budget.
+
+    On a shared machine a neighbour's burst halves a 2-core benchmark; waiting it out (and recording the
+    background load of every run either way) keeps one configuration from being measured in a bad minute.
+    """
+
+    def __init__(self, budget_s: float, threshold_cores: float = 0.25, log=print):
+        self.budget_s, self.threshold, self.log = budget_s, threshold_cores, log
+        self.waited_s = 0.0
+
+    def wait(self) -> None:
+        if self.budget_s <= 0:
+            return
+        announced = False
+        while (load := background_cores(0.5)) is not None and load >= self.threshold:
+            if self.waited_s >= self.budget_s:
+                self.log(f"  quiet-wait budget of {self.budget_s:.0f} s spent: measuring under background load")
+                self.budget_s = 0.0
+                return
+            if not announced:
+                self.log(f"  waiting for background load ({load:.2f} cores) to drop below {self.threshold} ...")
+                announced = True
+            time.sleep(2.0)
+            self.waited_s += 2.5
+
+
 def measure_all(jobs: list[Job], images: list[str], reference: str, *, repeats: int, warmup: int,
-                interleave: bool, max_run_s: float | None = None, log=print) -> tuple[dict[str, dict], dict[str, str]]:
+                interleave: bool, max_run_s: float | None = None, quiet: QuietGate | None = None,
+                log=print) -> tuple[dict[str, dict], dict[str, str]]:
     """Raw runs of every job: ({label: raw}, {label: why it failed}).
 
     interleave: all workers loaded at once and the repeats taken round-robin, the order rotating every round;
     otherwise one worker at a time. Each worker first warms up on the reference image (with and, for the
     ablation, without reuse). A worker that fails, or whose warm-up run does not finish within max_run_s, is
-    dropped with its reason; the others go on.
+    dropped with its reason; the others go on. `quiet` holds every timed run until the machine is quiet.
     """
+    gate = quiet or QuietGate(0.0)
     raw: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for group in [jobs] if interleave else [[j] for j in jobs]:
@@ -280,16 +310,18 @@ def measure_all(jobs: list[Job], images: list[str], reference: str, *, repeats: 
                 if w.job.ablation:
                     w.run(reference, reuse=False, timeout=max_run_s)
 
-        def ablate(label: str, w: Worker) -> None:
-            if w.job.ablation:
-                raw[label]["no_reuse"][reference].append(w.run(reference, reuse=False))
+        def timed(label: str, w: Worker, image: str, reuse: bool = True) -> None:
+            gate.wait()
+            raw[label]["images" if reuse else "no_reuse"][image].append(w.run(image, reuse=reuse))
 
         each(warm)
         for r in range(repeats):
+            if not workers:
+                break
             t0 = time.perf_counter()
             for image in images:
-                each(lambda label, w: raw[label]["images"][image].append(w.run(image)), rotate=r)
-            each(ablate, rotate=r)
+                each(lambda label, w: timed(label, w, image), rotate=r)
+            each(lambda label, w: timed(label, w, reference, reuse=False) if w.job.ablation else None, rotate=r)
             log(f"  round {r + 1}/{repeats} ({', '.join(workers)}) took {time.perf_counter() - t0:.0f} s")
         each(lambda label, w: raw[label].update(w.finish()))
     return raw, failed

@@ -42,17 +42,19 @@ def _precisions(ctx, param, value: tuple[str, ...]) -> list[str] | None:
 @click.option("--stage2-tokens", type=click.IntRange(min=1), default=None, help="Query-2 answer length [preset's].")
 @click.option("--boxes", type=click.IntRange(1, 4), default=None, help="Boxes (= crops) per image [preset's].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for both backends [all].")
-@click.option("--interleave/--sequential", default=None,
-              help="Keep every configuration loaded and take the repeats round-robin, or measure one after "
-                   "another [default: interleave when they all fit in memory].")
+@click.option("--interleave/--sequential", default=False, show_default=True,
+              help="Keep every configuration loaded and take the repeats round-robin (fairer under drifting "
+                   "background load; needs every configuration's peak memory at once), or one after another.")
 @click.option("--max-run-s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Drop (and report) a configuration whose warm-up run does not finish within this [preset's].")
+@click.option("--quiet-wait-s", type=click.FloatRange(min=0), default=900, show_default=True,
+              help="Total seconds timed runs may wait for other processes to leave the cores alone (0: never).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("perf/out"), show_default=True,
               help="Cache for checkpoints, engines and photos (reused across runs when their inputs match).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where perf.json, perf.md and the plots go [OUT/report-PRESET].")
 def main(preset, model, precision, engines, images, repeats, warmup, stage1_tokens, stage2_tokens, boxes, threads,
-         interleave, max_run_s, out, report_dir) -> None:
+         interleave, max_run_s, quiet_wait_s, out, report_dir) -> None:
     """Profile zoomin engines against the transformers baseline (per stage, with ratios), on this machine."""
     from dataclasses import replace
 
@@ -83,7 +85,7 @@ def main(preset, model, precision, engines, images, repeats, warmup, stage1_toke
         images=photos, workload=workload,
         repeats=repeats or p.repeats, warmup=p.warmup if warmup is None else warmup,
         threads=threads or usable_cores(), cache=out, interleave=interleave,
-        max_run_s=max_run_s if max_run_s is not None else p.max_run_s,
+        max_run_s=max_run_s if max_run_s is not None else p.max_run_s, quiet_wait_s=quiet_wait_s,
         command=" ".join(["zoomin-perf", *map(shlex.quote, sys.argv[1:])]), preset=preset)
     try:
         results = run_suite(cfg, log)

@@ -28,8 +28,9 @@ def initializer_bytes(model_path: str | Path) -> int:
             elif t.raw_data:
                 total += len(t.raw_data)
             else:
-                bits = 4 if t.data_type in four_bit else 8 * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-                total += (int(np.prod(t.dims, dtype=np.int64)) * bits + 7) // 8
+                dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+                item = 0.5 if t.data_type in four_bit else np.dtype(dtype).itemsize
+                total += int(np.ceil(int(np.prod(t.dims, dtype=np.int64)) * item))
     return total
 
 

@@ -100,6 +100,15 @@ def busy_cpu_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already counted in user
 
 
+def background_cores(window_s: float = 1.0) -> float | None:
+    """Cores kept busy by every other process over a short window (this process's own CPU time subtracted)."""
+    busy0, own0 = busy_cpu_seconds(), sum(os.times()[:2])
+    if busy0 is None:
+        return None
+    time.sleep(window_s)
+    return max(busy_cpu_seconds() - busy0 - (sum(os.times()[:2]) - own0), 0.0) / window_s
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -117,6 +126,7 @@ def describe() -> dict:
         "cores_logical": os.cpu_count(),
         "cores_physical": physical_cores(),
         "memory_bytes": memory_bytes(),
+        "memory_available_at_start": available_memory_bytes(),
         "simd": cpu_flags(),
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
         "load_average_at_start": load_average(),

@@ -16,6 +16,7 @@ ROW_LABELS = {"decode": "image decode", "preprocess": "preprocess", "vision_full
               "total": "**end to end**", "decode_ms_per_token": "decode ms/token"}
 SUMMARY_ROWS = (*STAGES, "other", "ttft", "total", "decode_ms_per_token")
 PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14 px patches merged 2 x 2
+NOISY_CORES = 0.25  # median background load above which a configuration's numbers are flagged
 
 
 def write_all(results: dict, folder: Path) -> dict[str, Path]:
@@ -71,10 +72,12 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         f"# zoomin perf{' (preset ' + results['preset'] + ')' if results['preset'] else ''}",
         "",
         f"- Machine: {m['cpu']}, {m['cores_usable']} usable cores ({m['cores_physical'] or '?'} physical), "
-        f"{m['memory_bytes'] / 2**30:.1f} GiB RAM, {m['os']}; SIMD: {' '.join(m['simd'])}",
+        f"{m['memory_bytes'] / 2**30:.1f} GiB RAM ({(m['memory_available_at_start'] or 0) / 2**30:.1f} GiB available "
+        f"at start), {m['os']}; SIMD: {' '.join(m['simd'])}",
         f"- Memory bandwidth (numpy, best of copy/read over 1..{s['threads']} threads): "
         f"{bw['bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f}, read "
-        f"{bw['read_bytes_per_s'] / 1e9:.1f})",
+        f"{bw['read_bytes_per_s'] / 1e9:.1f}; the better of the run's start {bw['start_bytes_per_s'] / 1e9:.1f} and "
+        f"end {bw['end_bytes_per_s'] / 1e9:.1f})",
         f"- Load average at start / end: {m['load_average_at_start']} / {m['load_average_at_end']}",
         f"- Versions: {ver}",
         f"- Command: `{results['command']}`",
@@ -86,7 +89,8 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         f"{', interleaved across configurations' if s['interleaved'] else ''}; {s['threads']} threads for both "
         "backends",
         f"- Same work check ({', '.join(results['token_check']['keys'])}): {_token_check(results['token_check'])}",
-        f"- Wall time of the run: {results['wall_s'] / 60:.1f} min",
+        f"- Wall time of the run: {results['wall_s'] / 60:.1f} min, of which {s['quiet_waited_s'] / 60:.1f} min "
+        "waiting for other processes to leave the cores alone",
         "",
     ]
     if results["failed"]:
@@ -121,6 +125,12 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         for label in labels:
             row += [fn(results["configs"][label])] + ([] if label == base else [""])
         lines.append("| " + " | ".join(row) + " |")
+    noisy = [f"{label} ({c['background_cores']['median']:.2f} cores)" for label, c in
+             ((label, results["configs"][label]) for label in labels)
+             if c["background_cores"] and c["background_cores"]["median"] > NOISY_CORES]
+    if noisy:
+        lines += ["", f"**Warning:** other processes kept the cores busy during {', '.join(noisy)}: those times are "
+                      "inflated; rerun on a quiet machine before comparing."]
     if "stages" in plots:
         lines += ["", f"![stage breakdown]({plots['stages']})"]
 
@@ -145,7 +155,8 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         lines += ["", f"## KV reuse ablation (stage 2, {_name(ref)})", "",
                   "Same engine; reuse off recomputes query 1's prompt and answer in query 2's prefill.", "",
                   "| engine | stage-2 prefill tokens (reuse / off) | stage-2 prefill ms (reuse / off) | ratio | "
-                  "stage 2 total ms (reuse / off) | ratio | end to end ms (reuse / off) |", "|---|---|---|---|---|---|---|"]
+                  "stage 2 total ms (reuse / off) | ratio | end to end ms (reuse / off) |",
+                  "|---|---|---|---|---|---|---|"]
         for label, a in results["ablation"].items():
             t = a["stage2_prefill_tokens"]
             lines.append(f"| {label} | {t['reuse']} / {t['no_reuse']} | {_ms(a['stage2_prefill']['reuse'])} / "

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import machine
-from .bench import TIME_METRICS, Job, measure_all, run_metrics, summarize
-from .floor import decode_floor, engine_decode_weight_bytes, mean_decode_context
 from ..runtime.manifest import Manifest
+from . import machine
+from .bench import TIME_METRICS, Job, QuietGate, measure_all, run_metrics, summarize
+from .floor import decode_floor, engine_decode_weight_bytes, mean_decode_context
 from .workload import Workload
 
 BASELINE = "transformers-fp32"
@@ -49,8 +49,9 @@ class Preset:
 
 
 PRESETS = {
-    # 3b widths (the real 1.2 GB lm_head) with 2 text layers and 2 vision blocks, ~10 GB RAM for all at once.
-    # fp16/fp8 are GPU formats (ORT's CPU provider computes them in fp32 behind casts): add them with --precision.
+    # 3b widths (the real 1.2 GB lm_head) with 2 text layers and 2 vision blocks: < 4 GB peak per configuration.
+    # fp16/fp8 are GPU formats that ORT's CPU provider only runs through casts to fp32 (slower than fp32 there):
+    # add them with --precision.
     "quick": Preset("quick", "3b", 2, 2, repeats=3, warmup=1, workload=Workload(96, 32, 2),
                     precisions=("fp32", "int8", "int4"), max_run_s=120),
     "3b": Preset("3b", "3b", None, None, repeats=3, warmup=1, workload=Workload(160, 64, 2),
@@ -71,8 +72,9 @@ class SuiteConfig:
     threads: int
     cache: Path  # engines are built (and reused) under cache/engines
     engines: list[Path] = field(default_factory=list)  # prebuilt engines to measure instead of building
-    interleave: bool | None = None  # None: interleave when every configuration fits in memory at once
+    interleave: bool = False  # all configurations loaded at once, repeats round-robin (needs their memory)
     max_run_s: float | None = None  # drop a configuration whose warm-up run takes longer
+    quiet_wait_s: float = 0.0  # total time timed runs may wait for background load to go away
     command: str = ""
     preset: str | None = None
 
@@ -188,17 +190,6 @@ def _build(ckpt: str, precision: str, out: str) -> str | None:
 
 # -- the run ---------------------------------------------------------------------------------------------------
 
-def fits_together(jobs: list[Job], share: float = 0.6) -> bool:
-    """Whether all configurations can stay loaded at once: their weight files within `share` of free memory."""
-    need = 0
-    for j in jobs:
-        path = Path(j.path)
-        need += (Manifest.load(path, verify="none").total_bytes if j.backend == "zoomin"
-                 else sum(f.stat().st_size for f in path.glob("*.safetensors")))
-    free = machine.available_memory_bytes()
-    return free is not None and need <= share * free
-
-
 def reference_image(images: list[Path]) -> Path:
     """The middle image by pixel count: the one the per-stage tables, the ablation and the floor use."""
     from ..runtime.image_io import load_image
@@ -213,7 +204,7 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
     log(f"machine: {desc['cpu']}, {desc['cores_usable']} cores, {desc['memory_bytes'] / 2**30:.1f} GiB, "
         f"load average {desc['load_average_at_start']}")
     bandwidth = machine.measure_bandwidth(cfg.threads)
-    log(f"memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s")
+    log(f"memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (measured again at the end)")
     ref = reference_image(cfg.images)
     images = [str(p) for p in cfg.images]
 
@@ -237,11 +228,12 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
         else:
             jobs.append(job(f"zoomin-{precision}", "zoomin", engine, ablation=True))
 
-    interleave = cfg.interleave if cfg.interleave is not None else fits_together(jobs)
+    interleave = cfg.interleave
     log(f"measuring {len(jobs)} configurations, {'interleaved' if interleave else 'one after another'}: "
         f"{len(images)} images x {cfg.repeats} repeats after {cfg.warmup} warm-up")
+    gate = QuietGate(cfg.quiet_wait_s, log=log)
     raw, run_failed = measure_all(jobs, images, str(ref), repeats=cfg.repeats, warmup=cfg.warmup,
-                                  interleave=interleave, max_run_s=cfg.max_run_s, log=log)
+                                  interleave=interleave, max_run_s=cfg.max_run_s, quiet=gate, log=log)
     failed |= run_failed
     configs = {}
     for j in jobs:
@@ -250,8 +242,14 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
         configs[j.label] = summarize_job(raw[j.label])
         if j.backend == "zoomin":
             configs[j.label]["info"]["decode_weight_bytes"] = engine_decode_weight_bytes(j.path)
-        log(f"{j.label}: end to end on {ref.name} {configs[j.label]['images'][str(ref)]['metrics']['total']['median']:.0f} ms")
+        total = configs[j.label]["images"][str(ref)]["metrics"]["total"]["median"]
+        log(f"{j.label}: end to end on {ref.name} {total:.0f} ms")
 
+    # Background load can only lower a bandwidth measurement: the machine's figure is the better of two.
+    at_end = machine.measure_bandwidth(cfg.threads)
+    log(f"memory bandwidth at the end: {at_end['bytes_per_s'] / 1e9:.1f} GB/s")
+    bandwidth = max(bandwidth, at_end, key=lambda b: b["bytes_per_s"]) | {
+        "start_bytes_per_s": bandwidth["bytes_per_s"], "end_bytes_per_s": at_end["bytes_per_s"]}
     results = {
         "machine": desc | {"load_average_at_end": machine.load_average()},
         "bandwidth": bandwidth,
@@ -260,7 +258,8 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
         "settings": {"checkpoint": str(cfg.checkpoint), "checkpoint_config": _checkpoint_shape(cfg.checkpoint),
                      "precisions": cfg.precisions, "engines": [str(e) for e in cfg.engines], "repeats": cfg.repeats,
                      "warmup": cfg.warmup, "threads": cfg.threads, "interleaved": interleave,
-                     "max_run_s": cfg.max_run_s, "workload": asdict(cfg.workload), "reference_image": str(ref)},
+                     "max_run_s": cfg.max_run_s, "quiet_wait_budget_s": cfg.quiet_wait_s,
+                     "quiet_waited_s": gate.waited_s, "workload": asdict(cfg.workload), "reference_image": str(ref)},
         "images": images,
         "baseline": BASELINE,
         "configs": configs,
@@ -289,11 +288,13 @@ def summarize_job(raw: dict) -> dict:
     def per_image(runs_by_image: dict) -> dict:
         out = {}
         for path, runs in runs_by_image.items():
-            metrics = [run_metrics(r["timings_ms"], r["tokens"]) for r in runs]
+            metrics = [run_metrics(r["timings_ms"], r["tokens"]) | {"background_cores": r["background_cores"]}
+                       for r in runs]
             tokens = runs[0]["tokens"]
             if any(r["tokens"] != tokens for r in runs):
                 raise RuntimeError(f"{raw['label']}: token counts changed between repeats on {path}")
-            out[path] = {"metrics": {k: summarize([m[k] for m in metrics]) for k in metrics[0]},
+            out[path] = {"metrics": {k: summarize([m[k] for m in metrics]) for k in metrics[0]
+                                     if k != "background_cores"},
                          "runs": metrics, "tokens": tokens, "image_size": runs[0]["image_size"],
                          "model_size": runs[0]["model_size"]}
         return out
@@ -353,7 +354,8 @@ def ablation(results: dict) -> dict:
         on, off = c["images"][ref], c["no_reuse"][ref]
         out[label] = {
             "image": ref,
-            "stage2_prefill_tokens": {"reuse": on["tokens"]["stage2_prefill"], "no_reuse": off["tokens"]["stage2_prefill"]},
+            "stage2_prefill_tokens": {"reuse": on["tokens"]["stage2_prefill"],
+                                      "no_reuse": off["tokens"]["stage2_prefill"]},
             **{k: {"reuse": on["metrics"][k]["median"], "no_reuse": off["metrics"][k]["median"],
                    "ratio": _ratio(on["metrics"][k]["median"], off["metrics"][k]["median"])}
                for k in ("stage2_prefill", "stage2", "total")},
