@@ -23,7 +23,7 @@ def test_manifest_describes_every_file(tiny_engine, tiny_ckpt):
     for name, meta in m.files.items():
         assert meta["sha256"] == sha256_file(tiny_engine / name)
     assert m.config == ModelConfig.from_checkpoint(tiny_ckpt)
-    assert m.precision == "fp32" and m.format_version == 1
+    assert m.precision == "fp32" and m.format_version == 2
     for key in ("source", "source_config_sha256", "torch", "transformers", "onnx", "built_at"):
         assert m.provenance[key]
     assert {"vision.onnx", "decoder.onnx", "embed_tokens.npy", "protocol.json", "tokenizer.json"} <= set(m.files)

@@ -10,14 +10,16 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from zoomin.build.export_vision import VisionGraph, example_inputs, export_vision, vision_parity
+from zoomin.build.export_vision import VisionGraph, example_inputs, export_vision, random_pixels, vision_parity
 from zoomin.runtime.config import VisionConfig, vision_config
 from zoomin.runtime.vision import VisionEncoder
 from zoomin.runtime.vision_meta import (
     META_NAMES,
     VisionInputError,
+    frame_runs,
     rotary_tables,
     vision_inputs,
+    window_groups,
     window_index,
 )
 
@@ -96,7 +98,6 @@ def test_groups_are_transformers_windows_and_frames(tiny_ckpt, hf_model_factory)
     """Window groups hold exactly transformers' window segments, in its order; frame groups its cu_seqlens."""
     cfg = cfg_of(hf_model_factory(tiny_ckpt))
     grid = np.array(META_GRIDS)
-    meta = vision_inputs(grid, cfg)
     n = int(grid.prod(axis=1).sum())
     unit = cfg.spatial_merge_size**2
     ref_index, ref_cu = get_vision_window_index(torch.from_numpy(grid), cfg.spatial_merge_size, cfg.window_size,
@@ -106,15 +107,31 @@ def test_groups_are_transformers_windows_and_frames(tiny_ckpt, hf_model_factory)
     segments = np.split(patch_order, ref_cu.numpy()[1:-1])
     frame_cu = get_vision_cu_seqlens(torch.from_numpy(grid)).numpy()
     frames = [np.arange(a, b) for a, b in zip(frame_cu[:-1], frame_cu[1:])]
-    for prefix, expected in (("window", segments), ("full", frames)):
-        gather, valid, scatter = (meta[f"{prefix}_{k}"] for k in ("gather", "valid", "scatter"))
-        assert gather.dtype == scatter.dtype == np.int64 and valid.dtype == np.bool_
-        assert len(gather) == len(expected) and valid.any(axis=1).all()
-        for row, ok, seg in zip(gather, valid, expected):
-            np.testing.assert_array_equal(row[ok], seg)  # same rows in the same order; padding masked
-        assert scatter.shape == (n,)
-        np.testing.assert_array_equal(gather.ravel()[scatter], np.arange(n))  # scatter inverts gather
-    assert meta["window_gather"].shape[1] == (cfg.window_size // cfg.patch_size) ** 2
+    # windows may be padded: one call can hold images of any size
+    gather, valid, scatter = window_groups(grid, cfg)
+    assert gather.dtype == scatter.dtype == np.int64 and valid.dtype == np.bool_
+    assert len(gather) == len(segments) and valid.any(axis=1).all()
+    for row, ok, seg in zip(gather, valid, segments):
+        np.testing.assert_array_equal(row[ok], seg)  # same rows in the same order; padding masked
+    assert scatter.shape == (n,)
+    np.testing.assert_array_equal(gather.ravel()[scatter], np.arange(n))  # scatter inverts gather
+    assert gather.shape[1] == (cfg.window_size // cfg.patch_size) ** 2
+    # frames are never padded: each call holds one run of equally sized images, whose frames are its rows
+    rows = np.concatenate([[0], np.cumsum(grid.prod(axis=1))])
+    got = []
+    for a, b in frame_runs(grid):
+        assert len({int(h * w) for _, h, w in grid[a:b]}) == 1
+        got += list(vision_inputs(grid[a:b], cfg)["full_gather"] + rows[a])
+    assert len(got) == len(frames)
+    for row, frame in zip(got, frames):
+        np.testing.assert_array_equal(row, frame)
+
+
+def test_unequal_frames_in_one_call_are_refused(tiny_ckpt, hf_model_factory):
+    cfg = cfg_of(hf_model_factory(tiny_ckpt))
+    with pytest.raises(VisionInputError, match="equal h\\*w"):
+        vision_inputs(np.array([(1, 8, 10), (1, 16, 6)]), cfg)
+    assert frame_runs(np.array([(1, 8, 10), (1, 8, 10), (1, 16, 6), (1, 8, 10)])) == [(0, 2), (2, 3), (3, 4)]
 
 
 @pytest.mark.parametrize("bad", [np.zeros((0, 3), int), np.array([[1, 3, 4]]), np.array([[1, 4, 0]]),
@@ -150,7 +167,7 @@ def test_multi_image_call_equals_separate_calls(exported):
     model, path = exported("tiny", "fp32")
     cfg, grids = cfg_of(model), MULTI[1]
     encoder = VisionEncoder(path, cfg)
-    pixels = example_inputs(cfg, grids, seed=3)["pixel_values"]
+    pixels = random_pixels(cfg, grids, seed=3)
     together = encoder.encode(pixels, np.array(grids))
     rows = np.cumsum([0] + [t * h * w for t, h, w in grids])
     apart = np.concatenate([encoder.encode(pixels[a:b], np.array([g])) for a, b, g in zip(rows[:-1], rows[1:], grids)])
@@ -167,8 +184,8 @@ def test_graph_layout(precision, exported):
     types = {v.name: v.type.tensor_type for v in [*proto.graph.input, *proto.graph.output]}
     T = onnx.TensorProto
     expected = {"pixel_values": T.FLOAT, "rotary_cos": T.FLOAT, "rotary_sin": T.FLOAT, "window_valid": T.BOOL,
-                "full_valid": T.BOOL, "window_gather": T.INT64, "window_scatter": T.INT64, "full_gather": T.INT64,
-                "full_scatter": T.INT64, "image_embeds": T.FLOAT}
+                "window_gather": T.INT64, "window_scatter": T.INT64, "full_gather": T.INT64,
+                "image_embeds": T.FLOAT}
     assert [i.name for i in proto.graph.input] == ["pixel_values", *META_NAMES]
     assert {k: t.elem_type for k, t in types.items()} == expected
     assert types["pixel_values"].shape.dim[0].dim_param and types["image_embeds"].shape.dim[0].dim_param
@@ -188,7 +205,7 @@ def test_fp32_down_proj_escape_hatch_mid_tower(small_ckpt, hf_model_factory):
     """An fp32 down_proj before the last block leaves an fp32 residual that later fp16 blocks must take."""
     model = hf_model_factory(small_ckpt)
     cfg = cfg_of(model)
-    grids = MULTI[0]
+    grids = [(1, 8, 10), (1, 8, 10)]  # one graph call holds equally sized frames
     feeds = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, grids).items()}
     with torch.no_grad():
         ref = model.model.visual(feeds["pixel_values"], grid_thw=torch.tensor(grids)).pooler_output
@@ -203,7 +220,7 @@ def test_encoder_rejects_bad_input(exported):
     model, path = exported("tiny", "fp32")
     cfg = cfg_of(model)
     encoder = VisionEncoder(path, cfg)
-    pixels = example_inputs(cfg, [(1, 4, 4)])["pixel_values"]
+    pixels = random_pixels(cfg, [(1, 4, 4)])
     with pytest.raises(VisionInputError, match="pixel_values has shape"):
         encoder.encode(pixels[:-1], np.array([[1, 4, 4]]))
     with pytest.raises(VisionInputError, match="floating point"):

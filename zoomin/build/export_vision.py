@@ -2,16 +2,18 @@
 
 Everything that depends on the image grid (rotary tables, window and frame groups) is computed on the host by
 `zoomin.runtime.vision_meta` and fed as graph inputs, so a single graph serves every size, aspect ratio and number
-of images per call. See vision_meta for the grouped-attention layout; in short the graph keeps the processor's
-patch order, gathers q/k/v rows into padded groups (windows of 64 patches, or whole frames), attends within each
-group under a key-validity mask and gathers the results back. That is exact: transformers' window permutation and
-its reverse index only exist to make windows contiguous for `cu_seqlens`.
+of equally sized images per call (the runtime splits other lists, vision_meta.frame_runs). See vision_meta for the
+layout; in short the graph keeps the processor's patch order; windowed blocks gather q/k/v rows into padded groups
+of 64 patches, attend within each group under a key-validity mask and gather the results back; full-attention
+blocks attend over whole frames with ONNX Runtime's MultiHeadAttention (flash attention on the CPU, no N x N
+scores). That is exact: transformers' window permutation and its reverse index only exist to make windows
+contiguous for `cu_seqlens`.
 
-Graph I/O (N patches, Gw windows, Gf frames, Lf longest frame; see vision_meta.vision_inputs):
+Graph I/O (N patches, Gw windows, Gf frames of L patches; see vision_meta.vision_inputs):
   pixel_values float32 (N, 1176)   + vision_meta.META_NAMES   ->   image_embeds float32 (N / 4, out_hidden_size)
 
-fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary and softmax run in float32 (as
-transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
+fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary, softmax and the full-attention
+blocks' attention run in float32 (as transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
 runs in float32 and the residual stream stays float32 from there to the merger: the 3B tower's last down_proj
 overflows fp16 (TensorRT Edge-LLM keeps it in fp32 for that reason).
 """
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxscript
 import torch
 from torch import nn
 
@@ -33,6 +37,23 @@ from zoomin.runtime.vision import VisionEncoder
 from zoomin.runtime.vision_meta import META_NAMES, VISION_ROPE_THETA, rotary_inv_freq, vision_inputs
 
 from .export_decoder import PRECISIONS, RMSNorm, cast_linear, quiet_export, rotate
+
+
+
+def _contrib_op(name: str, inputs: Sequence[str], attributes: dict[str, "onnx.defs.OpSchema.AttrType"]):
+    """An onnxscript op for an ONNX Runtime contrib op (onnx ships no schema for them): float inputs, one output."""
+    schema = onnx.defs.OpSchema(
+        name, "com.microsoft", 1,
+        inputs=[onnx.defs.OpSchema.FormalParameter(i, "T") for i in inputs],
+        outputs=[onnx.defs.OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute(a, t, "", required=True) for a, t in attributes.items()])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
+
+
+_MULTI_HEAD_ATTENTION = _contrib_op("MultiHeadAttention", ("query", "key", "value"),
+                                    {"num_heads": onnx.defs.OpSchema.AttrType.INT,
+                                     "scale": onnx.defs.OpSchema.AttrType.FLOAT})
 
 # Grids used by the build's parity check: non-square, partial edge windows, and two images in one call.
 CHECK_GRIDS = ((1, 8, 10), (1, 16, 6), (1, 12, 18))
@@ -49,7 +70,7 @@ def mask_bias(valid: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_attention(qkv, cos, sin, gather, bias, scatter, heads: int) -> torch.Tensor:
-    """Attention within padded groups of rows: qkv (N, 3*D) -> (N, D).
+    """Attention within padded groups of rows (the windowed blocks): qkv (N, 3*D) -> (N, D).
 
     gather (G, L) picks each slot's row, bias (G, 1, 1, L) masks padding keys, scatter (N,) picks each row's slot
     back out of the (G*L) results. cos/sin (G, L, head_dim) are the rotary tables already gathered to the slots.
@@ -67,6 +88,45 @@ def grouped_attention(qkv, cos, sin, gather, bias, scatter, heads: int) -> torch
     return take_rows(out, scatter)
 
 
+@torch.library.custom_op("zoomin::frame_attention", mutates_args=())
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T) v per head; q, k, v (F, L, heads * hd) float32, q already scaled. Exported as ONNX
+    Runtime's com.microsoft MultiHeadAttention (see `_frame_attention_onnx`); this body is the same math."""
+    f, length, d = q.shape
+    qh, kh, vh = (t.reshape(f, length, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.softmax(qh @ kh.transpose(2, 3), dim=-1) @ vh
+    return out.transpose(1, 2).reshape(f, length, d)
+
+
+@frame_attention.register_fake
+def _(q, k, v, heads):
+    return torch.empty_like(q)
+
+
+def _frame_attention_onnx(q, k, v, heads: int):
+    """MultiHeadAttention without mask, bias or past: on the CPU, ONNX Runtime runs it as tiled flash attention
+    (O(L) memory, no (heads, L, L) scores); scale 1 because q comes scaled."""
+    return _MULTI_HEAD_ATTENTION(q, k, v, num_heads=heads, scale=1.0)
+
+
+def frame_attention_block(qkv, cos, sin, frames, heads: int) -> torch.Tensor:
+    """Full attention within each frame (the full-attention blocks): qkv (N, 3*D) -> (N, D).
+
+    Frames are consecutive, equally long runs of rows (vision_meta.vision_inputs), so `frames` (F, L) only gives
+    the shape: a reshape groups them, no gather or padding mask is needed. Attention runs in float32 in every
+    precision (the contrib op's CPU kernel is float32; transformers' softmax is float32 too).
+    """
+    f, length = frames.shape
+    x = qkv.view(f, length, 3, heads, -1)
+    q, k, v = x.unbind(2)
+    scale = q.shape[-1] ** -0.5
+    cos, sin = cos.view(f, length, -1), sin.view(f, length, -1)
+    q = (rotate(q.float(), cos, sin) * scale).reshape(f, length, -1)
+    k = rotate(k.float(), cos, sin).reshape(f, length, -1)
+    out = frame_attention(q, k, v.float().reshape(f, length, -1), heads)
+    return out.to(qkv.dtype).reshape(f * length, -1)
+
+
 class Block(nn.Module):
     def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype, fp32_down: bool):
         super().__init__()
@@ -77,9 +137,10 @@ class Block(nn.Module):
         self.down_proj = cast_linear(mlp.down_proj, torch.float32 if fp32_down else dtype)
         self.heads, self.dtype = heads, dtype
 
-    def forward(self, x, cos, sin, gather, bias, scatter):
+    def forward(self, x, attention):
+        """attention(qkv) -> (N, D): the block's attention pattern (windows or whole frames) with its metadata."""
         h = self.norm1(x).to(self.dtype)
-        x = x + self.proj(grouped_attention(self.qkv(h), cos, sin, gather, bias, scatter, self.heads)).to(x.dtype)
+        x = x + self.proj(attention(self.qkv(h), self.heads)).to(x.dtype)
         h = self.norm2(x).to(self.dtype)
         act = nn.functional.silu(self.gate_proj(h)) * self.up_proj(h)
         down = self.down_proj(act.to(self.down_proj.weight.dtype))
@@ -110,27 +171,30 @@ class VisionGraph(nn.Module):
         self.dtype = dtype
 
     def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_valid, window_scatter,
-                full_gather, full_valid, full_scatter):
+                full_gather):
         x = self.patch_embed(pixel_values.to(self.dtype))
+        win = (take_rows(rotary_cos, window_gather), take_rows(rotary_sin, window_gather), window_gather,
+               mask_bias(window_valid), window_scatter)
         layouts = {
-            False: (take_rows(rotary_cos, window_gather), take_rows(rotary_sin, window_gather), window_gather,
-                    mask_bias(window_valid), window_scatter),
-            True: (take_rows(rotary_cos, full_gather), take_rows(rotary_sin, full_gather), full_gather,
-                   mask_bias(full_valid), full_scatter),
+            False: lambda qkv, heads: grouped_attention(qkv, *win, heads),
+            True: lambda qkv, heads: frame_attention_block(qkv, rotary_cos, rotary_sin, full_gather, heads),
         }
         for i, block in enumerate(self.blocks):
-            x = block(x, *layouts[i in self.full])
+            x = block(x, layouts[i in self.full])
         # Four consecutive patches form one merged unit in the processor's order: no reverse permutation needed.
         h = self.ln_q(x).to(self.dtype).reshape(-1, self.unit_dim)
         return self.fc2(nn.functional.gelu(self.fc1(h))).float()
 
 
+def random_pixels(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> np.ndarray:
+    """Random pixel_values rows for images of patch grids `grids`."""
+    rows = int(np.asarray(grids, dtype=np.int64).prod(axis=1).sum())
+    return np.random.default_rng(seed).standard_normal((rows, cfg.patch_dim)).astype(np.float32)
+
+
 def example_inputs(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random pixel_values for `grids` plus their metadata: the graph inputs in order."""
-    grid = np.asarray(grids, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    pixels = rng.standard_normal((int(grid.prod(axis=1).sum()), cfg.patch_dim)).astype(np.float32)
-    return {"pixel_values": pixels, **vision_inputs(grid, cfg)}
+    """Random pixel_values for `grids` (equally sized frames: one graph call) plus their metadata, in order."""
+    return {"pixel_values": random_pixels(cfg, grids, seed), **vision_inputs(np.asarray(grids, np.int64), cfg)}
 
 
 def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", opset: int = 18,
@@ -147,16 +211,16 @@ def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", 
         fp32_down_proj = (cfg.depth - 1,) if precision == "fp16" else ()
     graph = VisionGraph(visual, cfg, PRECISIONS[precision], fp32_down_proj).eval()
 
-    # Two images of different sizes so that no dynamic dimension is 1 (torch.export would specialise it).
-    example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 8, 10), (1, 12, 18)]).items()}
+    # Three equal frames (one call holds equally sized frames), partial edge windows: no dynamic dimension is 1 or
+    # equal to another (torch.export would specialise or equate it).
+    example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 10, 14)] * 3).items()}
     units = torch.export.Dim("merged_units", min=1)
     patches = cfg.spatial_merge_size**2 * units
     windows, frames, frame_len = (torch.export.Dim(n, min=1) for n in ("windows", "frames", "frame_len"))
     dynamic = {
         "pixel_values": {0: patches}, "rotary_cos": {0: patches}, "rotary_sin": {0: patches},
         "window_gather": {0: windows}, "window_valid": {0: windows}, "window_scatter": {0: patches},
-        "full_gather": {0: frames, 1: frame_len}, "full_valid": {0: frames, 1: frame_len},
-        "full_scatter": {0: patches},
+        "full_gather": {0: frames, 1: frame_len},
     }
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +228,7 @@ def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", 
         program = torch.onnx.export(
             graph, (), kwargs=example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
             input_names=["pixel_values", *META_NAMES], output_names=["image_embeds"], optimize=True,
-            verbose=False)
+            verbose=False, custom_translation_table={torch.ops.zoomin.frame_attention.default: _frame_attention_onnx})
     output = program.model.graph.outputs[0]
     output.shape = ir.Shape([ir.SymbolicDim("merged_units"), cfg.out_hidden_size])
     program.save(str(out_path), external_data=True)
@@ -183,7 +247,7 @@ def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[in
     """Run the ONNX graph and transformers' `model.model.visual` on the same random pixels, all grids in one call."""
     cfg = vision_config(model.config.to_dict())
     grid = np.asarray(grids, dtype=np.int64)
-    pixels = example_inputs(cfg, grid, seed)["pixel_values"]
+    pixels = random_pixels(cfg, grid, seed)
     with torch.no_grad():  # the path the language model takes: per-image pooler outputs of model.visual
         per_image = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output
     ref = torch.cat(per_image).float().numpy()

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vision graphs take unpadded frames (no full_valid / full_scatter)
 MANIFEST = "manifest.json"
 
 

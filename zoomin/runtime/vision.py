@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .config import VisionConfig
-from .vision_meta import META_NAMES, VisionInputError, check_grid, patch_counts, vision_inputs
+from .vision_meta import META_NAMES, VisionInputError, check_grid, graph_feeds, patch_counts
 
 INPUT_NAMES = ("pixel_values", *META_NAMES)
 OUTPUT_NAME = "image_embeds"
@@ -38,7 +38,8 @@ class VisionEncoder:
         """(sum t*h*w / merge^2, out_hidden_size) float32 embeddings, images in order.
 
         pixel_values: (sum t*h*w, patch_dim), the images' rows concatenated in image order (as the image
-        processor returns them); grid_thw: (n_images, 3).
+        processor returns them); grid_thw: (n_images, 3). Runs of equally sized images share one graph call
+        (vision_meta.frame_runs): full-attention blocks take unpadded frames.
         """
         grid = check_grid(grid_thw, self.cfg)
         pixels = np.asarray(pixel_values)
@@ -48,5 +49,6 @@ class VisionEncoder:
                 f"pixel_values has shape {pixels.shape}; grid_thw {grid.tolist()} needs ({n}, {self.cfg.patch_dim})")
         if not np.issubdtype(pixels.dtype, np.floating):
             raise VisionInputError(f"pixel_values must be floating point, got dtype {pixels.dtype}")
-        feeds = {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32), **vision_inputs(grid, self.cfg)}
-        return self.session.run([OUTPUT_NAME], feeds)[0]
+        feeds = graph_feeds(np.ascontiguousarray(pixels, dtype=np.float32), grid, self.cfg)
+        out = [self.session.run([OUTPUT_NAME], feed)[0] for feed in feeds]
+        return out[0] if len(out) == 1 else np.concatenate(out)

@@ -5,16 +5,19 @@ blocks attend within 112 px windows (4 x 4 merged units = 64 patches, partial at
 full-attention blocks attend within one frame. Such data-dependent indices cannot live in an exported graph, so
 the runtime computes them here and feeds them as inputs.
 
-Design (exact, no O(N^2) masks). Transformers permutes the patch sequence into window order so that windows
+Design (exact, no O(N^2) masks or scores). Transformers permutes the patch sequence into window order so that windows
 become contiguous `cu_seqlens` segments, then undoes the permutation after the merger. The graph instead keeps
 the processor's patch order end to end (every op but attention is row-wise, and the merger's groups of four
-consecutive patches are the same in both orders) and runs every attention as *grouped* attention: the rows of
-q/k/v are gathered into padded groups `(G, L)`, attention runs per group with a key-validity mask, and the
-results are gathered back to patch order. Windowed blocks use one group per window (L = 64, patches in the same
-order transformers puts them, so even the summation order matches); full-attention blocks use one group per
-frame (L = the longest frame). One image therefore needs no mask beyond a (1, N) validity row, several images
-cost `n_frames * max_len^2` instead of a dense `N^2` block-diagonal mask, and no permutation / reverse index
-(`argsort`) is needed. Every group holds at least one valid key, so no softmax row is fully masked.
+consecutive patches are the same in both orders). Windowed blocks run *grouped* attention: the rows of q/k/v
+are gathered into padded groups `(G, L)`, one per window (L = 64, patches in the order transformers puts them,
+so even the summation order matches), attention runs per group with a key-validity mask, and the results are
+gathered back to patch order; full-attention blocks attend within each frame. No permutation / reverse index (`argsort`) is needed, and every window holds at least one valid key, so no
+softmax row is fully masked.
+
+Full-attention groups are never padded: the frames of one call must all have the same length (`frame_runs` splits
+a list of images into such calls). That lets the graph run those blocks through ONNX Runtime's MultiHeadAttention
+without a mask, which on the CPU is a tiled (flash) kernel: O(N) memory instead of the (heads, N, N) scores that
+made a 4-megapixel photo need ~25 GB.
 
 All index arrays are int64 (onnx Gather accepts it; an int32/int64 mix is what broke ONNX Slice in a public
 export), masks are bool, rotary tables float32.
@@ -39,8 +42,6 @@ META_NAMES = (
     "window_valid",
     "window_scatter",
     "full_gather",
-    "full_valid",
-    "full_scatter",
 )
 
 
@@ -145,6 +146,25 @@ def grouped(groups: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np
     return np.where(valid, groups, 0).astype(np.int64), valid, scatter
 
 
+def window_groups(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gather, valid, scatter) of the windowed blocks' groups (`grouped`), for images of any sizes."""
+    units = window_units(grid, cfg)
+    unit = cfg.spatial_merge_size**2
+    win = np.where(units[:, :, None] >= 0, units[:, :, None] * unit + np.arange(unit), -1)
+    return grouped(win.reshape(len(units), -1), int(patch_counts(grid).sum()))
+
+
+def frame_runs(grid_thw: np.ndarray | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """[start, end) image ranges of consecutive images whose frames are all the same size: one graph call each."""
+    sizes = [h * w for _, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist()]
+    runs, start = [], 0
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or sizes[i] != sizes[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
 def vision_inputs(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionConfig) -> dict[str, np.ndarray]:
     """Every graph input besides `pixel_values`, for images with patch grids `grid_thw` (n, 3).
 
@@ -153,23 +173,18 @@ def vision_inputs(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionCon
       window_gather           (Gw, 64)       int64   patch rows of each window (64 = (window/patch)^2)
       window_valid            (Gw, 64)       bool
       window_scatter          (N,)           int64   flat window slot of each patch
-      full_gather             (Gf, Lmax)     int64   patch rows of each frame, Lmax = max h*w
-      full_valid              (Gf, Lmax)     bool
-      full_scatter            (N,)           int64   flat frame slot of each patch
+      full_gather             (Gf, L)        int64   patch rows of each frame, L = h*w (equal for every frame);
+                                                     frames are consecutive rows, so the graph only reshapes by
+                                                     this input's shape (no gather, no scatter back)
     """
     grid = check_grid(grid_thw, cfg)
+    if len(frame_runs(grid)) > 1:
+        raise VisionInputError(f"grid_thw {grid.tolist()}: frames of one call must have equal h*w (full-attention "
+                               "blocks are unpadded); split the images with frame_runs")
     n = int(patch_counts(grid).sum())
-    unit = cfg.spatial_merge_size**2
-
-    units = window_units(grid, cfg)
-    win = np.where(units[:, :, None] >= 0, units[:, :, None] * unit + np.arange(unit), -1)
-    window_gather, window_valid, window_scatter = grouped(win.reshape(len(units), -1), n)
-
-    frame_len = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    starts = np.concatenate([[0], np.cumsum(frame_len)[:-1]])
-    slot = np.arange(frame_len.max())
-    frames = np.where(slot < frame_len[:, None], starts[:, None] + slot, -1)
-    full_gather, full_valid, full_scatter = grouped(frames, n)
+    window_gather, window_valid, window_scatter = window_groups(grid, cfg)
+    frame_len = int(grid[0, 1] * grid[0, 2])
+    full_gather = np.arange(n, dtype=np.int64).reshape(-1, frame_len)  # frames are consecutive rows
 
     cos, sin = rotary_tables(grid, cfg)
     return {
@@ -179,6 +194,14 @@ def vision_inputs(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionCon
         "window_valid": window_valid,
         "window_scatter": window_scatter,
         "full_gather": full_gather,
-        "full_valid": full_valid,
-        "full_scatter": full_scatter,
     }
+
+
+def graph_feeds(pixel_values: np.ndarray, grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionConfig
+                ) -> list[dict[str, np.ndarray]]:
+    """The vision graph's feeds for images `grid_thw` whose rows `pixel_values` are concatenated in order: one
+    feed per run of equally sized images (`frame_runs`), since one call takes only equal frames."""
+    grid = check_grid(grid_thw, cfg)
+    rows = np.concatenate([[0], np.cumsum(patch_counts(grid))])
+    return [{"pixel_values": pixel_values[rows[a]:rows[b]], **vision_inputs(grid[a:b], cfg)}
+            for a, b in frame_runs(grid)]
