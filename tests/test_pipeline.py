@@ -172,3 +172,37 @@ def test_zoom_regions_keep_the_generated_scan(trio, photos):
         assert [c[1] for c in calls] == [c[1] for c in ref_calls]
         assert r.tokens["stage1_generated"] == len(calls[0][1]) > 0 and r.tokens["crops"] == 3
         assert [b.label for b in r.boxes] == [None, "hand", "text"]
+
+
+class _CountingDecoder:
+    """The engine's decoder, recording how many positions each call ran."""
+
+    def __init__(self, inner):
+        self.inner, self.sizes = inner, []
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    def forward(self, embeds, positions, cache, logits_to_keep=1):
+        self.sizes.append(len(embeds))
+        return self.inner.forward(embeds, positions, cache, logits_to_keep)
+
+
+def test_chunked_prefill_is_token_identical(trio, photos):
+    """Prefill in chunks of 16 positions through the KV cache gives transformers' tokens, in many calls."""
+    from dataclasses import replace
+
+    from zoomin.runtime.lm import OnnxLM
+
+    zi, rec = trio["reuse"]
+    engine = replace(zi.lm.engine, decoder=_CountingDecoder(zi.lm.engine.decoder))
+    chunked = ZoomIn(OnnxLM(engine, prefill_limit=16), zi.chat, zi.config, zi.protocol,
+                     vocab_size=zi.config.text.vocab_size)
+    hf, hf_rec = trio["hf"]
+    for regions in ("one", "none"):
+        got = chunked.detect(photos["coffee"], regions=REGIONS[regions], max_new_tokens=MAX_NEW)
+        ref = hf.detect(photos["coffee"], regions=REGIONS[regions], max_new_tokens=MAX_NEW)
+        hf_rec.take()
+        assert (got.stage1_text, got.final_text) == (ref.stage1_text, ref.final_text)
+    prefills = [s for s in engine.decoder.sizes if s > 1]
+    assert max(prefills) == 16 and len(prefills) > 2 * got.tokens["stage1_prefill"] // 16

@@ -23,6 +23,18 @@ from .sampling import Sampler
 StepObserver = Callable[[list[int], np.ndarray], None]
 
 INITIAL_CACHE = 4096  # rows; np.zeros commits memory only for rows written, and the cache grows when needed
+PREFILL_CHUNK = 1024  # most tokens per prefill call
+ATTENTION_BUDGET = 256 << 20  # bytes of attention scores one prefill call may hold (per live copy)
+
+
+def prefill_chunk(heads: int, context: int, limit: int = PREFILL_CHUNK) -> int:
+    """Tokens per prefill call so that one call's (heads, chunk, context) float32 scores fit ATTENTION_BUDGET.
+
+    A 4-megapixel photo is ~5k prompt tokens: prefilled in one call its scores alone are 1.6 GB at 3B widths and
+    every MLP activation scales with it too; in chunks through the KV cache the peak stays flat and the result is
+    the same causal attention (float rounding aside).
+    """
+    return max(16, min(limit, ATTENTION_BUDGET // (4 * heads * max(context, 1))))
 
 
 @dataclass
@@ -48,9 +60,10 @@ def stop_ids(engine_tokens) -> frozenset[int]:
 
 
 class OnnxLM:
-    def __init__(self, engine: Engine, *, reuse: bool = True):
+    def __init__(self, engine: Engine, *, reuse: bool = True, prefill_limit: int = PREFILL_CHUNK):
         self.engine = engine
         self.reuse = reuse
+        self.prefill_limit = prefill_limit
         # On a GPU the KV cache lives in device memory, so decode steps move no KV across PCIe (not yet run on one).
         self._kv_device = "cpu" if engine.device == "cpu" else "cuda"
         self.cache = engine.decoder.new_cache(INITIAL_CACHE, device=self._kv_device)
@@ -86,12 +99,10 @@ class OnnxLM:
         pos, delta = mrope_positions(new_ids, [im.grid_thw for _, im in new_images], image_token_id=tok.image_pad,
                                      spatial_merge_size=e.config.vision.spatial_merge_size, past_len=reuse,
                                      past_rope_delta=past_delta)
-        embeds = e.embed(new_ids)
-        for (start, end), im in new_images:
-            embeds[start - reuse:end - reuse] = self._vision[id(im)]
         self._ensure_capacity(reuse, len(new_ids) + max_new_tokens)
         self.cache.truncate(reuse)
-        logits = e.decoder.forward(embeds, pos, self.cache, 1)[-1].copy()
+        logits = self._prefill(new_ids, pos, [(start - reuse, end - reuse, self._vision[id(im)])
+                                              for (start, end), im in new_images])
         t2 = time.perf_counter()
         self._ids = full
         self._positions = np.concatenate([self._positions[:, :reuse], pos], axis=1)
@@ -124,6 +135,23 @@ class OnnxLM:
             prefill_ms=(t2 - t1) * 1e3,
             decode_ms=(t3 - t2) * 1e3,
         )
+
+    def _prefill(self, ids: np.ndarray, positions: np.ndarray, images: Sequence[tuple[int, int, np.ndarray]]
+                 ) -> np.ndarray:
+        """Run `ids` (image pads replaced by the features of `images`: [start, end) in ids, embeds) through the
+        decoder after the cache's rows, in chunks (`prefill_chunk`); returns the last position's logits."""
+        e, start = self.engine, 0
+        heads = e.config.text.num_attention_heads
+        while start < len(ids):
+            end = min(len(ids), start + prefill_chunk(heads, self.cache.length + len(ids), self.prefill_limit))
+            embeds = e.embed(ids[start:end])
+            for a, b, feats in images:
+                lo, hi = max(a, start), min(b, end)
+                if lo < hi:
+                    embeds[lo - start:hi - start] = feats[lo - a:hi - a]
+            logits = e.decoder.forward(embeds, positions[:, start:end], self.cache, 1)
+            start = end
+        return logits[-1].copy()
 
     def _reusable(self, ids: np.ndarray) -> int:
         if not self.reuse:

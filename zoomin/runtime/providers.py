@@ -51,6 +51,11 @@ def session_options(threads: int | None = None):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Every call has new shapes (image sizes, prefill chunks, growing past): memory patterns never repeat, and
+    # the CPU arena keeps its high-water mark (rounded up to powers of two) for the life of the process. Without
+    # them each tensor is malloc'ed and freed, so a large photo's activations go back to the OS after it.
+    so.enable_mem_pattern = False
+    so.enable_cpu_mem_arena = False
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
