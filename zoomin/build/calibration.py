@@ -27,7 +27,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from ..runtime.image_io import IMAGE_SUFFIXES
 from ..runtime.image_io import ImageError, load_image
 from ..runtime.manifest import sha256_file
-from ..runtime.vision_meta import vision_inputs
+from ..runtime.vision_meta import graph_feeds
 from .checkpoint import BuildError
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "calibration"
@@ -216,7 +216,8 @@ def record(engine_dir: Path, calib: CalibrationSet, *, max_new_tokens: int = CAL
     engine = Engine.load(engine_dir, threads=threads)
     engine = replace(engine, decoder=_DecoderTap(engine.decoder, rec.decoder),
                      vision=_VisionTap(engine.vision, rec.vision))
-    zoom = ZoomIn(OnnxLM(engine, reuse=False), engine.chat, engine.config, engine.protocol,
+    # one decoder call per prefill (no chunking): conversation_feed reads query 2's prefill as a single call
+    zoom = ZoomIn(OnnxLM(engine, reuse=False, prefill_limit=1 << 30), engine.chat, engine.config, engine.protocol,
                   vocab_size=engine.config.text.vocab_size)
     t0 = time.perf_counter()
     for image in calib.images:
@@ -260,8 +261,8 @@ def decoder_feeds(rec: Recording, num_layers: int, kv_heads: int, head_dim: int)
 
 
 def vision_feeds(rec: Recording, vision_cfg) -> list[dict[str, np.ndarray]]:
-    """One ONNX feed per recorded vision call (full images and each query's crops)."""
-    return [{"pixel_values": c.pixels, **vision_inputs(c.grid, vision_cfg)} for c in rec.vision]
+    """The ONNX feeds of every recorded vision call (full images and each query's crops)."""
+    return [feed for c in rec.vision for feed in graph_feeds(c.pixels, c.grid, vision_cfg)]
 
 
 class FeedReader(CalibrationDataReader):
