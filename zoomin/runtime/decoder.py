@@ -13,6 +13,7 @@ Buffers are numpy arrays on the CPU, or OrtValues allocated on the device for a 
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -50,7 +51,7 @@ class KVCache:
 
         def buffer() -> Buffer:
             if device == "cpu":
-                return np.zeros(shape, dtype)  # zero pages: memory is committed only as rows get written
+                return _anonymous_zeros(shape, dtype)
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
 
         return cls([buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)], 0, device, device_id)
@@ -67,6 +68,17 @@ class KVCache:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.keys[0].dtype if self.device == "cpu" else _ORT_TYPES[self.keys[0].data_type()])
+
+    def release(self, n: int) -> None:
+        """Give the memory of rows [n, max_len) back to the OS (they read as zeros after); rows [0, n) stay.
+
+        One large photo writes thousands of rows; without this they stay resident for the life of the process
+        even when every later conversation is short. CPU buffers only (device memory is the provider's).
+        """
+        if self.device != "cpu":
+            return
+        for buf in (*self.keys, *self.values):
+            _release_rows(buf, n)
 
     def truncate(self, n: int) -> None:
         """Roll back to the first n positions (kept rows are untouched; later steps overwrite the rest)."""
@@ -101,6 +113,27 @@ class KVCache:
                     staged[:, :n] = _host(s)[:, :n]
                     dst.update_inplace(staged)
         self.length = n
+
+
+def _anonymous_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros on their own anonymous mapping: pages are committed only as rows get written, and `_release_rows`
+    can hand them back (madvise), which memory from np.zeros (malloc) does not allow."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _release_rows(buf: np.ndarray, n: int) -> None:
+    owner = buf.base
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner  # np.frombuffer holds a view of the mapping
+    if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row_bytes = buf.nbytes // buf.shape[1]
+    start = -(-n * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < len(owner):
+        owner.madvise(mmap.MADV_DONTNEED, start, len(owner) - start)
 
 
 def _shape(buf: Buffer) -> tuple[int, ...]:

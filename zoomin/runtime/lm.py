@@ -77,6 +77,7 @@ class OnnxLM:
         runs = image_runs(self._ids, self.engine.config.tokens.image_pad)
         self._limit = runs[0][0] if runs else len(self._ids)
         self._vision.clear()
+        self.cache.release(self._limit)  # the last image's rows: no later conversation reads them
 
     def run(self, ids: np.ndarray, images: Sequence[PreprocessedImage], *, forced: Sequence[int] | None = None,
             max_new_tokens: int, sampler: Sampler, observer: StepObserver | None = None) -> Generation:
