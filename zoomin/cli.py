@@ -81,8 +81,17 @@ def parse_region(text: str) -> tuple[tuple[float, float, float, float], str] | t
 @click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--max-image-tokens", type=click.IntRange(min=0), default=None,
+              help="Most vision tokens (one per 28x28 pixels) a full image may take; 0: no limit beyond the "
+                   "preprocessor's max_pixels [default: protocol's, 4096].")
+@click.option("--oversize", type=click.Choice(["downscale", "refuse"]), default=None,
+              help="An image over --max-image-tokens is downscaled to fit, or refused with its own error "
+                   "[default: protocol's, downscale].")
+@click.option("--isolate/--no-isolate", default=True, show_default=True,
+              help="Run the engine in a worker process: an image that kills it (out of memory) gets its own error "
+                   "and a fresh worker takes the next one. --backend hf always runs in-process.")
 def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_reuse, max_new_tokens, device, backend,
-           model_dir, temperature, top_p, seed, threads) -> None:
+           model_dir, temperature, top_p, seed, threads, max_image_tokens, oversize, isolate) -> None:
     """Run ZoomIn (global scan, then zoomed evidence check) on images or folders of images."""
     import json
     import sys
@@ -90,22 +99,28 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
     from tqdm import tqdm
 
     from .runtime import EngineError, Sampling
+    from .runtime.image_io import load_image
     from .runtime.providers import DeviceError
+    from .runtime.worker import IsolatedZoomIn, WorkerError
 
     if regions and no_regions:
         raise click.UsageError("--region and --no-regions exclude each other")
     region_list = [parse_region(r) for r in regions] if regions else ([] if no_regions else None)
-    try:
-        zi = _load_detector(backend, engine_dir, model_dir, device, no_reuse, threads)
-    except (EngineError, DeviceError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    overrides = {k: v for k, v in (("max_image_tokens", max_image_tokens), ("oversize", oversize)) if v is not None}
+    if max_image_tokens == 0:
+        overrides["max_image_tokens"] = None
     files = collect_images(images)
     if not files:
         raise click.ClickException("no images found in " + ", ".join(map(str, images)))
+    try:
+        zi = _load_detector(backend, engine_dir, model_dir, device, no_reuse, threads, overrides, isolate)
+    except (EngineError, DeviceError, ValueError, WorkerError) as e:
+        raise click.ClickException(str(e)) from None
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    sink = sys.stdout if json_out == Path("-") else (open(json_out, "w") if json_out else None)
+    sink = None
     failed = 0
     try:
+        sink = sys.stdout if json_out == Path("-") else (open(json_out, "w") if json_out else None)
         bar = tqdm(files, unit="img", disable=len(files) < 2, file=sys.stderr)
         for name, result, error in zi.detect_many(bar, regions=region_list, max_new_tokens=max_new_tokens,
                                                   sampling=sampling):
@@ -120,7 +135,7 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
             if annotate_dir:
                 from .runtime.annotate import save_annotated
 
-                save_annotated(zi.decode_image(name), result, annotate_dir / (Path(name).stem + ".png"))
+                save_annotated(load_image(name), result, annotate_dir / (Path(name).stem + ".png"))
             if sink is not sys.stdout:
                 score = "-" if result.score is None else f"{result.score:.3f}"
                 tqdm.write(f"{name}\t{result.verdict or 'none'}\tp(generated)={score}\tboxes={len(result.boxes)}"
@@ -128,11 +143,15 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
     finally:
         if sink and sink is not sys.stdout:
             sink.close()
+        if isinstance(zi, IsolatedZoomIn):
+            zi.close()
     if failed:
         raise click.ClickException(f"{failed} of {len(files)} images failed")
 
 
-def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: bool, threads):
+def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: bool, threads, overrides: dict,
+                   isolate: bool):
+    """The detector `detect` feeds: in-process ZoomIn, or (onnx, isolated) a worker process running it."""
     if backend == "hf":
         if not model_dir:
             raise click.UsageError("--backend hf needs --model CKPT_DIR")
@@ -140,9 +159,13 @@ def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: b
             from .hf_backend import load_hf
         except ImportError as e:
             raise click.ClickException(f"--backend hf needs the build extra (pip install 'zoomin[build]'): {e}")
-        return load_hf(model_dir, threads=threads)
+        from .runtime import Protocol
+
+        return load_hf(model_dir, protocol=Protocol.default().replace(**overrides), threads=threads)
     if not engine_dir:
         raise click.UsageError("--engine DIR is required (build one with zoomin-build)")
     from .runtime import ZoomIn
+    from .runtime.worker import IsolatedZoomIn
 
-    return ZoomIn.load(engine_dir, device=device, reuse=not no_reuse, threads=threads)
+    load = IsolatedZoomIn if isolate else ZoomIn.load
+    return load(engine_dir, device=device, reuse=not no_reuse, threads=threads, **overrides)

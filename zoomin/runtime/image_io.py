@@ -99,6 +99,8 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     try:
         raw, kinds, blocks = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
+        if getattr(e, "code", None) == cv2.Error.StsNoMem:  # a real image too big for memory: say so
+            raise MemoryError(f"decoding {name}: {getattr(e, 'err', e)}") from None
         raise ImageError(name, "not an image (cannot decode)") from e
     if raw is None or raw.size == 0:
         raise ImageError(name, "not an image (cannot decode)")

@@ -16,12 +16,12 @@ from typing import Any, Protocol as Interface
 import numpy as np
 
 from .chat import ChatTokenizer, Image, Message, Text
-from .config import ModelConfig
+from .config import ImageConfig, ModelConfig
 from .crop import CropConfig, box_to_original, make_crop
 from .image_io import ImageError, ImageSource, load_image, source_name
 from .lm import Generation, StepObserver
 from .parse import Box, explanation_text, parse_boxes, parse_verdict
-from .preprocess import PreprocessedImage, preprocess_image
+from .preprocess import PreprocessedImage, preprocess_image, smart_resize
 from .protocol import Protocol
 from .sampling import Sampler, Sampling, VerdictScorer
 
@@ -94,8 +94,28 @@ class ZoomIn:
     def decode_image(self, image: ImageSource) -> np.ndarray:
         return load_image(image)
 
-    def preprocess(self, rgb: np.ndarray) -> PreprocessedImage:
-        return preprocess_image(rgb, config=self.config.image)
+    def preprocess(self, rgb: np.ndarray, name: str = "<array>") -> PreprocessedImage:
+        """The vision tower's input; an image over `max_image_tokens` is downscaled to fit or refused (`oversize`).
+
+        The limit is checked on smart_resize's target size, before anything is resized or normalised.
+        """
+        img, p = self.config.image, self.protocol
+        limit = p.max_image_tokens
+        if limit is not None:
+            h, w = rgb.shape[:2]
+            (rh, rw), tokens = _target(h, w, img, img.min_pixels, img.max_pixels, name)
+            if tokens > limit:
+                if p.oversize == "refuse":
+                    raise ImageError(name, f"{tokens} image tokens at {rw}x{rh} (resized from {w}x{h}) exceed the "
+                                           f"limit of {limit} (max_image_tokens; oversize=refuse)")
+                max_pixels = limit * img.factor**2
+                min_pixels = min(img.min_pixels, max_pixels)
+                (rh, rw), tokens = _target(h, w, img, min_pixels, max_pixels, name)
+                if tokens > limit:  # sides cannot go below one 28-pixel block: extreme aspect ratios
+                    raise ImageError(name, f"cannot fit the limit of {limit} image tokens (max_image_tokens): "
+                                           f"downscaled to {rw}x{rh} it still takes {tokens}")
+                return preprocess_image(rgb, min_pixels=min_pixels, max_pixels=max_pixels, config=img)
+        return preprocess_image(rgb, config=img)
 
     def scan_ids(self, pre: PreprocessedImage) -> np.ndarray:
         return self.chat.encode(_messages(self.protocol.scan_messages()), [pre.grid_thw], add_generation_prompt=True)
@@ -170,7 +190,7 @@ class ZoomIn:
         t_start = t
         rgb = self.decode_image(image)
         lap("decode")
-        pre = self.preprocess(rgb)
+        pre = self.preprocess(rgb, source_name(image))
         lap("preprocess")
 
         sampler = Sampler(sampling)
@@ -218,13 +238,21 @@ class ZoomIn:
 
     def detect_many(self, images: Iterable[ImageSource], **kw: Any) -> Iterator[tuple[str, DetectResult | None,
                                                                                     str | None]]:
-        """(name, result, error) per image; a bad image yields its error and the batch goes on."""
+        """(name, result, error) per image; a bad image, or one that runs out of memory, yields its error and the
+        batch goes on. Any other exception is a bug and propagates."""
         for image in images:
             name = source_name(image)
             try:
-                yield name, self.detect(image, **kw), None
+                result = self.detect(image, **kw)
             except ImageError as e:
                 yield name, None, str(e)
+            except Exception as e:
+                detail = out_of_memory(e)
+                if detail is None:
+                    raise
+                yield name, None, f"{name}: out of memory ({detail})"
+            else:
+                yield name, result, None
 
     def _observer(self) -> "_ScoreObserver":
         if self._scorer is None:
@@ -232,6 +260,48 @@ class ZoomIn:
             self._scorer = VerdictScorer(self.chat.tokenizer, f"<{p.verdict_tag}>", p.real_word, p.generated_word,
                                          self._vocab_size)
         return _ScoreObserver(self.chat, self._scorer)
+
+
+# How allocation failures read: onnxruntime's arena ("Failed to allocate memory for requested buffer of size N"),
+# C++ std::bad_alloc ("std::bad_alloc", MSVC "bad allocation"), CUDA ("out of memory"), torch's CPU allocator,
+# OpenCV ("(-4:Insufficient memory) Failed to allocate N bytes").
+_ALLOCATION_FAILURES = ("failed to allocate", "bad allocation", "bad_alloc", "out of memory",
+                        "can't allocate memory", "insufficient memory")
+# Exception types (module, name) that carry an allocation failure only in their message.
+_ENGINE_ERRORS = {("onnxruntime.capi.onnxruntime_pybind11_state", "Fail"),
+                  ("onnxruntime.capi.onnxruntime_pybind11_state", "RuntimeException"), ("cv2", "error")}
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What ran out, when `e` is an allocation failure; None for any other exception.
+
+    A MemoryError (numpy, Python) always is one. Native libraries report theirs as a generic exception with a
+    message: onnxruntime as its pybind `Fail`/`RuntimeException` (not RuntimeError subclasses), OpenCV as
+    `cv2.error`, torch as a RuntimeError (its OutOfMemoryError included); those count only when the message says
+    memory ran out. Told apart by type name, so that nothing here imports them.
+    """
+    kind = type(e)
+    package = kind.__module__.partition(".")[0]
+    label = kind.__name__ if package == "builtins" else f"{package}.{kind.__name__}"  # onnxruntime.Fail, cv2.error
+    if isinstance(e, MemoryError):
+        return f"{label}: {e}" if str(e) else label
+    from_engine = isinstance(e, RuntimeError) or (kind.__module__, kind.__name__) in _ENGINE_ERRORS
+    message = str(e)
+    found = [i for i in (message.lower().find(m) for m in _ALLOCATION_FAILURES) if i >= 0]
+    if not from_engine or not found:
+        return None
+    at = min(found)
+    return f"{label}: {message[at:].splitlines()[0][:200]}"
+
+
+def _target(h: int, w: int, cfg: ImageConfig, min_pixels: int, max_pixels: int, name: str
+            ) -> tuple[tuple[int, int], int]:
+    """smart_resize's (height, width) for an h x w image and the <|image_pad|> tokens it takes."""
+    try:
+        rh, rw = smart_resize(h, w, cfg.factor, min_pixels, max_pixels)
+    except ValueError as e:
+        raise ImageError(name, str(e)) from None
+    return (rh, rw), (rh // cfg.patch_size) * (rw // cfg.patch_size) // cfg.merge_size**2
 
 
 class _ScoreObserver:

@@ -25,6 +25,10 @@ VERDICT_LABELS: tuple[VerdictLabel, ...] = ("real", "generated")
 # Formats the model can be told to emit. "json" and "qwen" carry labels; "pairs" and "list" carry coordinates only.
 BOX_FORMATS = ("json", "qwen", "pairs", "list")
 LABELLED_FORMATS = ("json", "qwen")
+# Integer fields that may also be None (JSON null).
+OPTIONAL_INTS = frozenset({"max_image_tokens"})
+# What happens to a full image over `max_image_tokens`.
+OVERSIZE_POLICIES = ("downscale", "refuse")
 # A Qwen `<|object_ref_start|>label<|object_ref_end|>` label longer than this is not read as a label.
 MAX_QWEN_LABEL_CHARS = 256
 
@@ -161,6 +165,9 @@ class Protocol:
     """Prompts, answer layout and zoom settings of the two ZoomIn queries (defaults: our own ZoomIn-style texts).
 
     Coordinates in prompts and answers are model coordinates (pixels of the resized image the model saw).
+    `max_image_tokens` caps the full image's vision tokens, and with them the memory one image takes: without it a
+    big photo gets all of the preprocessor's max_pixels, which may be more than the device holds. `oversize` says
+    whether a larger image is downscaled to fit (as a max_pixels of max_image_tokens * 28**2 would) or refused.
     """
 
     system_prompt: str = (
@@ -205,16 +212,27 @@ class Protocol:
     show_original_in_check: bool = True  # ZoomIn v2 shows the original image again in query 2
     max_new_tokens_scan: int = 512
     max_new_tokens_check: int = 512
+    # Full-image size limit (None: whatever the engine's preprocessor max_pixels gives, 16384 tokens for stock
+    # Qwen2.5-VL). 4096 tokens = 3.2 megapixels: the global scan only has to locate suspicious regions, and query 2
+    # zooms into them from the original's full-resolution pixels; it keeps a 4000x3000 photo's peak memory within
+    # ~1.5 GiB of a 3B-width engine's size (perf/RESULTS.md), where all 16384 tokens would need ~6 GiB more.
+    max_image_tokens: int | None = 4096  # most <|image_pad|> tokens (one per 28x28 pixels) of the full image
+    oversize: str = "downscale"  # an image over max_image_tokens: "downscale" to fit, or "refuse" (its own error)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             kind = type(f.default)
+            if f.name in OPTIONAL_INTS:  # None means "not set"
+                if value is None:
+                    continue
+                kind = int
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 value = float(value)
             if type(value) is not kind:
-                raise ProtocolError(f"protocol field {f.name!r} must be {kind.__name__}, "
+                raise ProtocolError(f"protocol field {f.name!r} must be {kind.__name__}"
+                                    f"{' or null' if f.name in OPTIONAL_INTS else ''}, "
                                     f"got {type(value).__name__} {value!r}")
         self._check_ranges()
         self._check_words()
@@ -234,6 +252,8 @@ class Protocol:
         need(0 < self.max_box_area_frac <= 1, "max_box_area_frac", "in (0, 1]")
         need(self.max_new_tokens_scan >= 1, "max_new_tokens_scan", ">= 1")
         need(self.max_new_tokens_check >= 1, "max_new_tokens_check", ">= 1")
+        need(self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens", ">= 1 or null")
+        need(self.oversize in OVERSIZE_POLICIES, "oversize", f"one of {OVERSIZE_POLICIES}")
         need(self.verdict_tag.isidentifier(), "verdict_tag", "an identifier (letters, digits, underscore)")
 
     def _check_words(self) -> None:
