@@ -171,6 +171,9 @@ def test_zoom_regions_keep_the_generated_scan(trio, photos):
         ref, ref_calls = outs["hf"]
         assert [c[1] for c in calls] == [c[1] for c in ref_calls]
         assert r.tokens["stage1_generated"] == len(calls[0][1]) > 0 and r.tokens["crops"] == 3
+        if name == "reuse":  # query 1's generated answer is reused too (its last token, never run, is not)
+            stopped = calls[0][2].stopped
+            assert r.tokens["reused_prefix"] == len(calls[0][0]) + len(calls[0][1]) - (0 if stopped else 1)
         assert [b.label for b in r.boxes] == [None, "hand", "text"]
 
 

@@ -85,7 +85,6 @@ class OnnxLM:
         tok = e.config.tokens
         full = np.concatenate([ids, np.asarray(forced or [], np.int64)])
         reuse = self._reusable(full)
-        self._limit = len(full)  # the rest of this conversation may reuse all of it
         new_ids = full[reuse:]
 
         t0 = time.perf_counter()
@@ -126,6 +125,7 @@ class OnnxLM:
                 logits = e.decoder.forward(e.embed(np.array([token])), p, self.cache, 1)[-1].copy()
                 self._ids = np.append(self._ids, token)
                 self._positions = np.concatenate([self._positions, p], axis=1)
+        self._limit = len(self._ids)  # the rest of this conversation may reuse all of it, answer included
         t3 = time.perf_counter()
         return Generation(
             tokens=list(forced) if forced is not None else gen,
