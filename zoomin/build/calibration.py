@@ -1,9 +1,15 @@
-"""Calibration inputs for quantized builds, produced by running the fp32 engine through the real ZoomIn protocol.
+"""Calibration inputs for quantized builds, produced by running calibration images through the real ZoomIn protocol.
 
 Quantizers see exactly the activations deployment produces: every calibration image goes through `ZoomIn.detect`
-on the fp32 graphs (query 1 with the full image, teacher-forced with the image's regions so that query 2 and its
-crops exist even on random weights, then query 2 with the crops and a few generated tokens). Taps on the engine's
-Decoder and VisionEncoder record each call's inputs and fp32 outputs; nothing of the runtime is re-implemented.
+(query 1 with the full image, teacher-forced with the image's regions so that query 2 and its crops exist even on
+random weights, then query 2 with the crops and a few generated tokens). Taps on the engine's Decoder and
+VisionEncoder record each call's inputs and outputs; nothing of the runtime is re-implemented.
+
+`record` runs either a built fp32 engine or, in the streamed build (zoomin.build.streaming), a stand-in engine
+without any graph (`stand_in_engine`): the conversations do not depend on the model as long as query 1 is
+teacher-forced, except for the tokens query 2 generates, which need the whole model. The stand-in's
+`ScriptedDecoder` writes a fixed answer in their place, and its calls' logits are filled in afterwards by the
+streamed fp32 pass; the vision calls' features come from that pass too (`ReplayVision`).
 
 The recording serves twice:
 - calibration feeds: per conversation one empty-cache prefill of every token the conversation processed (causal
@@ -201,9 +207,84 @@ class _VisionTap:
         return out
 
 
-def record(engine_dir: Path, calib: CalibrationSet, *, max_new_tokens: int = CALIB_NEW_TOKENS,
+class ScriptedDecoder:
+    """A decoder without weights: each call returns logits whose argmax is the next token of `script` (counted from
+    the last call on an empty cache), so greedy sampling writes that answer. Query 1 is teacher-forced anyway; query
+    2 answers with the script, where the real model's own tokens would need a whole forward pass per token."""
+
+    def __init__(self, vocab_size: int, script: Sequence[int]):
+        self.vocab_size, self.script = vocab_size, list(script)
+        self._step = 0
+
+    def new_cache(self, max_len: int, device: str = "cpu", device_id: int = 0):
+        from ..runtime.decoder import KVCache
+
+        return KVCache.allocate(1, max_len, 1, 1)  # holds nothing; counts positions for the caller
+
+    def forward(self, embeds, positions, cache, logits_to_keep: int = 1):
+        if cache.length == 0:
+            self._step = 0
+        token = self.script[min(self._step, len(self.script) - 1)]
+        self._step += 1
+        cache.length += len(embeds)
+        logits = np.zeros((logits_to_keep, self.vocab_size), np.float32)
+        logits[:, token] = 1.0
+        return logits
+
+
+class PlaceholderVision:
+    """Zero image features of the right shape: enough to lay out the conversations (they do not depend on them)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def encode(self, pixel_values, grid_thw):
+        grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+        return np.zeros((int(grid.prod(axis=1).sum()) // self.cfg.spatial_merge_size**2, self.cfg.out_hidden_size),
+                        np.float32)
+
+
+class ReplayVision:
+    """The features of earlier-recorded vision calls, served in the same order (checked against their pixels)."""
+
+    def __init__(self, calls: Sequence[VisionCall]):
+        self.calls, self._next = list(calls), 0
+
+    def encode(self, pixel_values, grid_thw):
+        if self._next >= len(self.calls):
+            raise CalibrationError("the calibration run asked for more vision calls than were recorded")
+        call = self.calls[self._next]
+        self._next += 1
+        if not (np.array_equal(call.grid, np.asarray(grid_thw).reshape(-1, 3)) and
+                np.array_equal(call.pixels, pixel_values)):
+            raise CalibrationError("the calibration run's vision calls differ from the recorded ones")
+        return call.embeds
+
+
+def scripted_answer(protocol, tokenizer) -> list[int]:
+    """Query 2's stand-in answer: the protocol's own answer layout (explanation, then the verdict)."""
+    text = protocol.format_answer("The enlarged regions show consistent texture, lighting and edges.", [], "real")
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def stand_in_engine(config, protocol, tokenizer_json: Path, embed_tokens: Path, vision):
+    """An Engine for `record` with no graph: `vision` (PlaceholderVision / ReplayVision) and a ScriptedDecoder;
+    token embeddings are gathered from the fp32 table `embed_tokens` like the runtime does."""
+    from ..runtime.chat import ChatTokenizer
+    from ..runtime.engine import Engine
+    from ..runtime.manifest import Manifest
+
+    chat = ChatTokenizer.from_file(tokenizer_json, config)
+    script = [*scripted_answer(protocol, chat.tokenizer), config.tokens.im_end]
+    manifest = Manifest(precision="fp32", config=config, files={}, graphs={}, provenance={})
+    return Engine(Path(embed_tokens).parent, manifest, protocol, chat, vision,
+                  ScriptedDecoder(config.text.vocab_size, script), np.load(embed_tokens, mmap_mode="r"), "cpu")
+
+
+def record(engine, calib: CalibrationSet, *, max_new_tokens: int = CALIB_NEW_TOKENS,
            threads: int | None = None) -> Recording:
-    """Run ZoomIn on the fp32 engine for every calibration image, recording every decoder and vision call.
+    """Run ZoomIn on `engine` (an engine directory, or an Engine such as `stand_in_engine`'s) for every
+    calibration image, recording every decoder and vision call.
 
     Reuse is off so that query 2 prefills its whole conversation from an empty cache: that call is the
     conversation's calibration feed as it stands (see `conversation_feed`).
@@ -213,7 +294,8 @@ def record(engine_dir: Path, calib: CalibrationSet, *, max_new_tokens: int = CAL
     from ..runtime.pipeline import ZoomIn
 
     rec = Recording()
-    engine = Engine.load(engine_dir, threads=threads)
+    if not isinstance(engine, Engine):
+        engine = Engine.load(engine, threads=threads)
     engine = replace(engine, decoder=_DecoderTap(engine.decoder, rec.decoder),
                      vision=_VisionTap(engine.vision, rec.vision))
     # one decoder call per prefill (no chunking): conversation_feed reads query 2's prefill as a single call

@@ -2,8 +2,9 @@
 
 The recorded fp32 run (zoomin.build.calibration.record) is replayed on the quantized graphs: the decoder calls in
 order, on the quantized decoder's own KV cache (so quantization error carried through the cache counts), with the
-same inputs (fp32 image features, the tokens the fp32 run produced: teacher forcing keeps both runs on one
-conversation); the vision calls on the quantized vision graph. Figures:
+same inputs (fp32 image features, the tokens the fp32 run produced, or in a streamed build the stand-in answer
+of calibration.ScriptedDecoder: teacher forcing keeps both runs on one conversation); the vision calls on the
+quantized vision graph. Figures:
 
 - next-token distribution: KL(p_fp32 || p_quant) per logit row (query 2's last prompt token and each decode
   step: the rows deployment samples from), mean and max; top-1 agreement; relative logit error
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,9 +132,10 @@ def replay_decoder(rec: Recording, decoder: Decoder) -> list[np.ndarray]:
     return out
 
 
-def measure_drift(rec: Recording, engine_dir: Path, reference_dir: Path, config: ModelConfig, precision: str
-                  ) -> DriftReport:
-    """Replay the fp32 recording on the graphs in `engine_dir`; sizes against the fp32 graphs in `reference_dir`."""
+def measure_drift(rec: Recording, engine_dir: Path, reference: Path | Mapping[str, int], config: ModelConfig,
+                  precision: str) -> DriftReport:
+    """Replay the fp32 recording on the graphs in `engine_dir`; sizes against the fp32 graphs in `reference` (a
+    directory, or their bytes per component when the fp32 graphs were never written whole)."""
     t0 = time.perf_counter()
     engine_dir = Path(engine_dir)
     decoder = Decoder.load(engine_dir / "decoder.onnx", config.text)
@@ -153,6 +156,6 @@ def measure_drift(rec: Recording, engine_dir: Path, reference_dir: Path, config:
         vision_rel_err_max=float(np.max(vis)) if vis else 0.0,
         vision_calls=len(vis),
         sizes=component_sizes(engine_dir),
-        reference_sizes=component_sizes(reference_dir),
+        reference_sizes=dict(reference) if isinstance(reference, Mapping) else component_sizes(reference),
         seconds=time.perf_counter() - t0,
     )

@@ -2,6 +2,12 @@
 
 The engine is written into a hidden temporary sibling of `--out` and renamed into place only after every stage
 (including the parity check) succeeded, so an interrupted or failed build never leaves half an engine behind.
+
+The checkpoint is never loaded whole: weights are read block by block from the safetensors files in the dtype
+they are stored in (zoomin.build.weights), the graphs are exported one layer / block at a time and stitched, and a
+quantized build calibrates and quantizes each piece as it is exported (zoomin.build.streaming). Peak memory is
+then about one layer's weights plus the calibration activations, whatever the depth; every stage reports its
+time and peak resident memory.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import datetime as _dt
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -18,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..runtime.config import ModelConfig
 from ..runtime.manifest import Manifest
@@ -50,18 +59,57 @@ class BuildResult:
     engine_dir: Path
     manifest: Manifest
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_peak_rss: dict[str, int] = field(default_factory=dict)  # bytes; see peak_rss
 
 
 Log = Callable[[str], None]
 
 
-@contextmanager
-def _stage(name: str, index: int, total: int, log: Log, times: dict[str, float]) -> Iterator[None]:
-    log(f"[{index}/{total}] {name} ...")
-    t0 = time.perf_counter()
-    yield
-    times[name] = time.perf_counter() - t0
-    log(f"[{index}/{total}] {name} done ({times[name]:.1f} s)")
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident memory in bytes: VmHWM (since the last reset_peak_rss) on Linux, else ru_maxrss (since the
+    process started)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB elsewhere
+
+
+@dataclass
+class Stages:
+    """Runs the build's stages in order, logging each with its time and peak RSS."""
+
+    total: int
+    log: Log
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    index: int = 0
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.index += 1
+        prefix = f"[{self.index}/{self.total}]"
+        self.log(f"{prefix} {name} ...")
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+        self.peak_rss[name] = peak_rss()
+        self.log(f"{prefix} {name} done ({self.seconds[name]:.1f} s, peak RSS {self.peak_rss[name] / 2**30:.2f} GiB)")
 
 
 def prepare_output(out: Path, force: bool) -> Path:
@@ -92,20 +140,43 @@ def copy_tokenizer(ckpt: Path, engine: Path) -> None:
             shutil.copy2(ckpt / name, engine / name)
 
 
+EMBED_CHUNK_ROWS = 8192
+
+
 def write_embedding(model, engine: Path, precision: str) -> str:
     """The token embedding as a .npy the runtime memory-maps and gathers rows from.
 
     A gather needs no graph: numpy indexes a memory-mapped table in microseconds, only the touched rows are paged in
     (a 152k x 3584 table is 2 GB in fp32), and the decoder can take `inputs_embeds` that already hold the image
-    features merged in.
+    features merged in. Written in chunks of rows through a plain file (not a memory map, whose dirty pages would
+    count as the build's memory). model: a transformers model or a checkpoint's parts.
     """
-    import numpy as np
+    from .weights import as_parts
 
-    weight = model.get_input_embeddings().weight.detach().float().numpy()
-    dtype = np.float16 if precision == "fp16" else np.float32
+    parts = as_parts(model)
+    t = parts.text
+    dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
     name = "embed_tokens.npy"
-    np.save(engine / name, weight.astype(dtype))
+    rows = 0
+    with open(engine / name, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": (t.vocab_size, t.hidden_size)})
+        for chunk in parts.embedding_rows(EMBED_CHUNK_ROWS):
+            if chunk.shape[1] != t.hidden_size:
+                raise BuildError(f"token embedding is {tuple(chunk.shape)} wide, config says hidden {t.hidden_size}")
+            f.write(np.ascontiguousarray(chunk.float().numpy(), dtype).tobytes())
+            rows += len(chunk)
+    if rows != t.vocab_size:
+        raise BuildError(f"token embedding has {rows} rows, config says vocab_size {t.vocab_size}")
     return name
+
+
+def make_world_readable(root: Path) -> None:
+    """Directories 0755, files 0644: the engine is data for whoever runs it (mkdtemp creates 0700)."""
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
 
 
 def provenance(ckpt: Path) -> dict:
@@ -130,90 +201,73 @@ def provenance(ckpt: Path) -> dict:
     }
 
 
+# The decoder's parity check against transformers loads the whole model in float32 next to the build up to this
+# size; above it (what streaming is for) each layer is checked against its transformers layer instead.
+PARITY_MAX_BYTES = 2 << 30
+
+
+def whole_model_parity(parts) -> bool:
+    return parts.float32_bytes() <= PARITY_MAX_BYTES
+
+
+def check_parity(parts, ckpt: Path, vision: Path, decoder: Path, layers=None) -> dict:
+    """Relative errors of the fp32/fp16 graphs against transformers in float32.
+
+    Vision: the whole tower against transformers' tower (export_vision.vision_parity; the tower is 2.7 GB in
+    float32 at every Qwen2.5-VL size). Decoder: the whole model (export_decoder.check_decoder: prefill over image
+    positions and KV-cache decode steps) when `whole_model_parity`, else the per-layer figures that `layers`
+    (layer_parity.DecoderLayerParity) collected while the decoder was exported.
+    """
+    from .export_decoder import check_decoder
+    from .export_vision import vision_parity
+    from .weights import ModelParts
+
+    out = {"vision_max_rel_err": vision_parity(parts.vision_tower(), vision).max_rel_err}
+    if layers is not None:
+        out.update(layers.summary())
+    else:
+        model = parts.model if isinstance(parts, ModelParts) else load_checkpoint(ckpt)
+        out.update(check_decoder(model, decoder))
+    return out
+
+
 def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
     """Run every stage; on any failure remove the temporary directory and raise BuildError."""
-    from .calibration import decoder_feeds, load_calibration_set, record, vision_feeds
-    from .drift import measure_drift
-    from .export_decoder import check_decoder, export_decoder
-    from .export_vision import check_vision, export_vision
-    from .quantize import QUANT_PRECISIONS, QuantConfig, quantize_graph
+    from .quantize import QUANT_PRECISIONS, QuantConfig
 
     if opts.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     quant = QuantConfig(opts.precision, opts.block_size, opts.int4_algo) if opts.precision in QUANT_PRECISIONS else None
     ckpt = validate_checkpoint(opts.model)
     protocol = Protocol.load(opts.protocol) if opts.protocol else Protocol.default()
-    calib = load_calibration_set(opts.calib_images, opts.calib_size) if quant else None
+    if quant:
+        from .calibration import load_calibration_set
+
+        calib = load_calibration_set(opts.calib_images, opts.calib_size)
     tmp = prepare_output(opts.out, opts.force)
-    # A quantized build exports the fp32 graphs into a scratch engine inside tmp (removed before publishing),
-    # calibrates on them through the runtime, and writes only the quantized graphs into the engine.
-    ref = tmp / ".fp32-reference" if quant else tmp
-    graph_precision = "fp32" if quant else opts.precision
-    opset = {"opset": quant.export_opset} if quant and quant.export_opset else {}
-    times: dict[str, float] = {}
-    total = 10 if quant else 7
+    stages = Stages(9 if quant else 7, log)
     try:
-        with _stage("load checkpoint", 1, total, log, times):
-            model = load_checkpoint(ckpt)
+        with stages("open checkpoint (weights are read block by block)"):
+            from .weights import open_parts
+
+            parts = open_parts(ckpt)
             config = ModelConfig.from_checkpoint(ckpt)
-        with _stage(f"export vision encoder ({graph_precision})", 2, total, log, times):
-            ref.mkdir(exist_ok=True)
-            export_vision(model, ref / "vision.onnx", precision=graph_precision, **opset)
-        with _stage("write token embedding", 3, total, log, times):
-            embed_name = write_embedding(model, ref, graph_precision)
-            if quant:
-                write_embedding(model, tmp, "fp16")
-        with _stage(f"export language-model decoder ({graph_precision})", 4, total, log, times):
-            export_decoder(model, ref / "decoder.onnx", precision=graph_precision, **opset)
-        with _stage("copy tokenizer, preprocessing and protocol", 5, total, log, times):
-            for d in {tmp, ref}:
-                copy_tokenizer(ckpt, d)
-                protocol.save(d / "protocol.json")
-        parity: dict = {}
-        with _stage("check parity against transformers" + (" (fp32 reference graphs)" if quant else ""), 6, total,
-                    log, times):
-            if opts.check_parity:
-                parity["vision_max_rel_err"] = check_vision(model, ref / "vision.onnx")
-                parity.update(check_decoder(model, ref / "decoder.onnx"))
-        graphs = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": embed_name,
+        graphs = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy",
                   "tokenizer": "tokenizer.json", "protocol": "protocol.json"}
         prov = provenance(ckpt)
         if quant:
-            del model  # calibration and quantization work on the ONNX graphs
-            with _stage(f"calibrate on {len(calib.images)} images through the ZoomIn protocol", 7, total, log,
-                        times):
-                Manifest(precision="fp32", config=config, files={}, graphs=graphs, provenance={}).write(ref)
-                recording = record(ref, calib)
-                tc = config.text
-                feeds = {"decoder": decoder_feeds(recording, tc.num_hidden_layers, tc.num_key_value_heads,
-                                                  tc.head_dim),
-                         "vision": vision_feeds(recording, config.vision)}
-            with _stage(f"quantize graphs ({opts.precision})", 8, total, log, times):
-                for role in ("vision", "decoder"):
-                    quantize_graph(role, ref / f"{role}.onnx", tmp / f"{role}.onnx", quant, feeds[role],
-                                   tmp / ".quantize-scratch", vocab_size=config.text.vocab_size)
-                shutil.rmtree(tmp / ".quantize-scratch", ignore_errors=True)
-            with _stage("measure drift against the fp32 graphs", 9, total, log, times):
-                drift = measure_drift(recording, tmp, ref, config, opts.precision)
-                drift.calibration, drift.methods = calib.describe(), quant.describe()
-                drift.write(tmp)
-                log(f"drift: KL mean {drift.decoder.kl_mean:.3g}, top-1 agreement {drift.decoder.top1_agreement:.1%}, "
-                    f"vision rel err max {drift.vision_rel_err_max:.3g}, compression x{drift.compression:.2f}")
-            shutil.rmtree(ref)
-            parity = {"reference": parity, "drift": drift.summary()}
+            parity = _quantized_stages(opts, quant, calib, parts, ckpt, config, protocol, tmp, stages)
             prov["calibration"] = calib.describe()
             prov["quantization"] = {"precision": quant.precision, "block_size": quant.block_size,
                                     "int4_algo": quant.int4_algo, **quant.describe()}
-        with _stage("write manifest", total, total, log, times):
-            manifest = Manifest(
-                precision=opts.precision,
-                config=config,
-                files={},
-                graphs=graphs,
-                provenance=prov,
-                parity=parity,
-            )
+        else:
+            parity = _float_stages(opts, parts, ckpt, protocol, tmp, stages)
+        with stages("write manifest"):
+            make_world_readable(tmp)
+            manifest = Manifest(precision=opts.precision, config=config, files={}, graphs=graphs, provenance=prov,
+                                parity=parity)
             manifest.write(tmp)
+            os.chmod(tmp / "manifest.json", 0o644)
         publish(tmp, opts.out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +276,90 @@ def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
         if isinstance(e, OSError):
             raise BuildError(f"cannot write engine to {opts.out}: {e.strerror or e}") from e
         raise
-    return BuildResult(engine_dir=opts.out, manifest=manifest, stage_seconds=times)
+    return BuildResult(engine_dir=opts.out, manifest=manifest, stage_seconds=stages.seconds,
+                       stage_peak_rss=stages.peak_rss)
+
+
+def _float_stages(opts: BuildOptions, parts, ckpt: Path, protocol: Protocol, tmp: Path, stages: Stages) -> dict:
+    from . import export_decoder as ed
+    from . import export_vision as ev
+    from .layer_parity import DecoderLayerParity
+
+    layers = DecoderLayerParity(parts) if opts.check_parity and not whole_model_parity(parts) else None
+    with stages(f"export vision encoder ({opts.precision}, block by block)"):
+        ev.export_vision(parts, tmp / "vision.onnx", precision=opts.precision)
+    with stages("write token embedding"):
+        write_embedding(parts, tmp, opts.precision)
+    with stages(f"export language-model decoder ({opts.precision}, layer by layer)"):
+        ed.export_decoder(parts, tmp / "decoder.onnx", precision=opts.precision, on_piece=layers)
+    with stages("copy tokenizer, preprocessing and protocol"):
+        copy_tokenizer(ckpt, tmp)
+        protocol.save(tmp / "protocol.json")
+    with stages("check parity against transformers"):
+        return check_parity(parts, ckpt, tmp / "vision.onnx", tmp / "decoder.onnx", layers) if opts.check_parity \
+            else {}
+
+
+def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, config: ModelConfig, protocol: Protocol,
+                      tmp: Path, stages: Stages) -> dict:
+    """Calibrate and quantize while exporting (zoomin.build.streaming); scratch files live in tmp/.scratch."""
+    from .calibration import PlaceholderVision, ReplayVision, record, stand_in_engine
+    from .drift import measure_drift
+    from .layer_parity import DecoderLayerParity
+    from .streaming import quantize_decoder, quantize_vision
+
+    scratch = tmp / ".scratch"
+    scratch.mkdir()
+    # For the parity check (check_parity) the fp32 vision pieces are kept and stitched into a reference graph, and
+    # so are the decoder's when the model is small enough for a whole-model check; else its layers are checked one
+    # by one as they are exported.
+    reference = scratch / "fp32" if opts.check_parity else None
+    whole = whole_model_parity(parts)
+    layers = DecoderLayerParity(parts) if opts.check_parity and not whole else None
+    with stages("write token embedding (fp16 for the engine, fp32 for calibration)"):
+        write_embedding(parts, tmp, "fp16")
+        (scratch / "table").mkdir()
+        write_embedding(parts, scratch / "table", "fp32")
+        table = scratch / "table" / "embed_tokens.npy"
+    with stages("copy tokenizer, preprocessing and protocol"):
+        copy_tokenizer(ckpt, tmp)
+        protocol.save(tmp / "protocol.json")
+
+    def stand_in(vision):
+        return stand_in_engine(config, protocol, tmp / "tokenizer.json", table, vision)
+
+    with stages(f"lay out the ZoomIn conversations of {len(calib.images)} calibration images"):
+        layout = record(stand_in(PlaceholderVision(config.vision)), calib)
+    with stages(f"vision encoder: export, calibrate and quantize ({opts.precision}) block by block"):
+        vision_q = quantize_vision(parts, tmp / "vision.onnx", layout.vision, quant, scratch,
+                                   reference=reference / "vision" if reference else None)
+        rec = record(stand_in(ReplayVision(vision_q.features)), calib)
+    with stages(f"language-model decoder: export, calibrate and quantize ({opts.precision}) layer by layer"):
+        decoder_q = quantize_decoder(parts, tmp / "decoder.onnx", rec, quant, scratch,
+                                     reference=reference / "decoder" if reference and whole else None, check=layers)
+    with stages("check parity against transformers (fp32 reference graphs)"):
+        parity: dict = {}
+        if reference is not None:
+            from .export_decoder import io_names
+            from .export_vision import META_NAMES
+            from .stitch import stitch
+
+            stitch(vision_q.reference_pieces, reference / "vision.onnx", inputs=["pixel_values", *META_NAMES],
+                   outputs=["image_embeds"])
+            if whole:
+                inputs, outputs = io_names(config.text.num_hidden_layers)
+                stitch(decoder_q.reference_pieces, reference / "decoder.onnx", inputs=inputs, outputs=outputs)
+            parity = check_parity(parts, ckpt, reference / "vision.onnx", reference / "decoder.onnx", layers)
+    with stages("measure drift against the fp32 pieces' outputs"):
+        fp32_sizes = {"vision": vision_q.fp32_bytes, "decoder": decoder_q.fp32_bytes,
+                      "embed_tokens": table.stat().st_size}
+        shutil.rmtree(scratch)
+        drift = measure_drift(rec, tmp, fp32_sizes, config, opts.precision)
+        drift.calibration, drift.methods = calib.describe(), quant.describe()
+        drift.write(tmp)
+        stages.log(f"drift: KL mean {drift.decoder.kl_mean:.3g}, top-1 agreement {drift.decoder.top1_agreement:.1%}, "
+                   f"vision rel err max {drift.vision_rel_err_max:.3g}, compression x{drift.compression:.2f}")
+    return {"reference": parity, "drift": drift.summary()}
 
 
 def summary_lines(result: BuildResult) -> list[str]:
@@ -234,4 +371,7 @@ def summary_lines(result: BuildResult) -> list[str]:
     if figures:
         lines.append("parity vs transformers (max relative error): "
                      + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
+    lines.append("stages (time, peak RSS):")
+    for name, seconds in result.stage_seconds.items():
+        lines.append(f"  {seconds:8.1f} s  {result.stage_peak_rss.get(name, 0) / 2**30:6.2f} GiB  {name}")
     return lines

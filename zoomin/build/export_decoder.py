@@ -5,9 +5,12 @@ positions' keys/values. That lets the runtime own one preallocated cache per lay
 and the present outputs straight into the rows that follow it (see zoomin/runtime/decoder.py), so nothing is
 copied or reallocated per token on the host side.
 
-The torch module below re-implements the transformers text model with plain tensors (no Cache objects, no mask
-helpers) so torch.onnx.export sees a static, readable graph; it shares the Hugging Face weights and reproduces the
-HF logits to float32 rounding.
+The torch modules below re-implement the transformers text model with plain tensors (no Cache objects, no mask
+helpers) so torch.onnx.export sees a static, readable graph; they share the Hugging Face weights and reproduce the
+HF logits to float32 rounding. The graph is exported one piece at a time (prologue: mask bias and M-RoPE tables;
+one piece per layer; epilogue: final norm, lm_head, logits_to_keep) and stitched (zoomin.build.stitch), so a
+checkpoint of any depth exports with one layer's weights in memory; the stitched graph computes exactly what one
+export of the whole TextDecoder does.
 
 Graph I/O (B batch, S new tokens, P past tokens, K = logits_to_keep):
   inputs_embeds  float32 (B, S, hidden)            position_ids int64 (3, B, S)   (M-RoPE rows t, h, w)
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ import torch
 from torch import nn
 
 from zoomin.runtime.config import TextConfig, text_config
+
+from .stitch import Piece, PieceExporter, stitch
+from .weights import Parts, as_parts
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -132,21 +139,15 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
-class TextDecoder(nn.Module):
-    """Qwen2.5-VL text model + lm_head as a function of (embeddings, M-RoPE positions, mask, past KV)."""
+class Prologue(nn.Module):
+    """What every layer shares: the compute-dtype residual stream, M-RoPE cos/sin and the additive mask bias."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, rotary: nn.Module, cfg: TextConfig, dtype: torch.dtype):
         super().__init__()
-        self.cfg = text_config(model.config.to_dict())
-        lm = model.model.language_model
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(rotary.attention_scaling)
+        self.sections = list(cfg.mrope_section)
         self.dtype = dtype
-        self.layers = nn.ModuleList(Layer(layer, self.cfg, dtype) for layer in lm.layers)
-        self.norm = RMSNorm(lm.norm, dtype)
-        self.lm_head = cast_linear(model.lm_head, dtype)
-        rope = lm.rotary_emb
-        self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
-        self.rope_scale = float(rope.attention_scaling)
-        self.sections = list(self.cfg.mrope_section)
 
     def rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, S, head_dim) in float32; frequency band j of mrope_section reads position row j % 3."""
@@ -159,7 +160,7 @@ class TextDecoder(nn.Module):
         emb = torch.cat([emb, emb], dim=-1)
         return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, logits_to_keep, past_keys, past_values):
+    def forward(self, inputs_embeds, position_ids, attention_mask):
         s = inputs_embeds.shape[1]
         total = attention_mask.shape[1]
         # Causal + padding mask as an additive float32 bias (B, 1, 1, S, T); query i sits at absolute P + i.
@@ -168,19 +169,50 @@ class TextDecoder(nn.Module):
         allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
         cos, sin = self.rope_tables(position_ids)
+        return inputs_embeds.to(self.dtype), cos, sin, bias
 
-        x = inputs_embeds.to(self.dtype)
+
+class Epilogue(nn.Module):
+    """Final norm and lm_head on the last `logits_to_keep` positions only; logits float32."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.norm = RMSNorm(norm, dtype)
+        self.lm_head = cast_linear(lm_head, dtype)
+
+    def forward(self, x, logits_to_keep):
+        s = x.shape[1]
+        keep = logits_to_keep.reshape(-1)[0].item()
+        torch._check(keep >= 1)
+        torch._check(keep <= s)
+        return self.lm_head(self.norm(x[:, s - keep :])).float()
+
+
+class TextDecoder(nn.Module):
+    """Qwen2.5-VL text model + lm_head as a function of (embeddings, M-RoPE positions, mask, past KV), whole.
+
+    The build exports it piece by piece (`decoder_pieces`); this composition of the same pieces is what those
+    pieces stitch back to, and what a torch baseline runs.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        parts = as_parts(model)
+        self.cfg = parts.text
+        self.dtype = dtype
+        self.prologue = Prologue(parts.text_rotary(), self.cfg, dtype)
+        self.layers = nn.ModuleList(Layer(parts.text_layer(i), self.cfg, dtype)
+                                    for i in range(self.cfg.num_hidden_layers))
+        self.epilogue = Epilogue(parts.text_norm(), parts.lm_head(), dtype)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, logits_to_keep, past_keys, past_values):
+        x, cos, sin, bias = self.prologue(inputs_embeds, position_ids, attention_mask)
         presents_k, presents_v = [], []
         for layer, pk, pv in zip(self.layers, past_keys, past_values):
             x, k, v = layer(x, cos, sin, bias, pk, pv)
             presents_k.append(k)
             presents_v.append(v)
-        keep = logits_to_keep.reshape(-1)[0].item()
-        torch._check(keep >= 1)
-        torch._check(keep <= s)
-        x = x[:, s - keep :]
-        logits = self.lm_head(self.norm(x)).float()
-        return logits, presents_k, presents_v
+        return self.epilogue(x, logits_to_keep), presents_k, presents_v
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -192,59 +224,92 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def export_decoder(model: nn.Module, out_path: Path, *, precision: str = "fp32", opset: int = 17) -> Path:
-    """Export `model`'s language model + lm_head to `out_path` (weights in `<name>.onnx.data`); returns the path.
-
-    Uses the dynamo exporter (torch.export) with dynamic batch / new / past lengths. torchlib emits opset 18;
-    opset 17 (what older TensorRT releases accept) is reached by a small rewrite, see `_downgrade_to_17`.
-    """
+def _check_export_args(precision: str, opset: int) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < 17:
         raise ValueError(f"opset {opset} is not supported (17 or newer)")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    decoder = TextDecoder(model, PRECISIONS[precision]).eval()
-    cfg = decoder.cfg
+
+
+def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opset: int = 17) -> Iterator[Piece]:
+    """Export the decoder into `scratch` one piece at a time: prologue, each layer, epilogue (norm + lm_head).
+
+    A generator: each piece is exported when the caller asks for the next one, so only one layer's weights are
+    ever loaded (and the caller may run, quantize or delete a piece before the next is made). The dynamo exporter
+    runs with dynamic batch / new / past lengths; torchlib emits opset 18, and opset 17 (what older TensorRT
+    releases accept) is reached by a small rewrite of each piece, see `_downgrade_to_17`.
+    """
+    _check_export_args(precision, opset)
+    cfg, dtype = parts.text, PRECISIONS[precision]
     # Example sizes are all distinct and > 1 so that torch.export cannot specialise or equate any dynamic dim.
     b, s, p = 2, 3, 4
-    kv_shape = (b, p, cfg.num_key_value_heads, cfg.head_dim)
-    args = (
-        torch.zeros(b, s, cfg.hidden_size),
-        torch.arange(s).expand(3, b, s).contiguous(),
-        torch.ones(b, p + s, dtype=torch.int64),
-        torch.tensor([2], dtype=torch.int64),
-        [torch.zeros(kv_shape, dtype=decoder.dtype) for _ in range(cfg.num_hidden_layers)],
-        [torch.zeros(kv_shape, dtype=decoder.dtype) for _ in range(cfg.num_hidden_layers)],
-    )
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    kv_dims = [{0: batch, 1: past}] * cfg.num_hidden_layers
+    finalize = _downgrade_to_17 if opset == 17 else None
+    common = dict(opset=max(opset, 18), finalize=finalize)
+    scratch = Path(scratch)
+    exporter = PieceExporter()
+
+    prologue = Prologue(parts.text_rotary(), cfg, dtype).eval()
+    args = (torch.zeros(b, s, cfg.hidden_size), torch.arange(s).expand(3, b, s).contiguous(),
+            torch.ones(b, p + s, dtype=torch.int64))
+    names = ["inputs_embeds", "position_ids", "attention_mask"]
     # The mask length is past + seq; torch.export infers that relation itself (Dim.AUTO).
-    dynamic = ({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}, None, kv_dims, kv_dims)
-    input_names, output_names = io_names(cfg.num_hidden_layers)
-    with quiet_export():
-        program = torch.onnx.export(
-            decoder, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
-            opset_version=max(opset, 18), dynamo=True, external_data=True,
-        )
-    graph = program.model
-    _rename_dims(graph, {graph.graph.inputs[2].shape[1]: "past_plus_seq", graph.graph.outputs[0].shape[1]: "keep"})
-    if opset == 17:
-        _downgrade_to_17(graph)
-    program.save(out_path, external_data=True)
-    return out_path
+    path = exporter.export("prologue", prologue, args, scratch / "prologue.onnx", input_names=names,
+                        output_names=["hidden", "rope_cos", "rope_sin", "mask_bias"],
+                        dynamic_shapes=({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}),
+                        dim_names={("attention_mask", 1): "past_plus_seq"}, **common)
+    yield Piece("prologue", path, {n: n for n in names},
+                {"hidden": "hidden", "rope_cos": "rope_cos", "rope_sin": "rope_sin", "mask_bias": "mask_bias"})
+    with torch.no_grad():
+        hidden, cos, sin, bias = prologue(*args)
+    del prologue
+
+    # two tensors: torch.export would treat one tensor passed twice as one input
+    kv = [torch.zeros(b, p, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype) for _ in range(2)]
+    layer_in = ["hidden", "rope_cos", "rope_sin", "mask_bias", "past_key", "past_value"]
+    layer_out = ["hidden_out", "present_key", "present_value"]  # a graph cannot reuse an input's name
+    layer_dims = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq},
+                  {0: batch, 3: seq, 4: torch.export.Dim.AUTO}, {0: batch, 1: past}, {0: batch, 1: past})
+    for i in range(cfg.num_hidden_layers):
+        layer = Layer(parts.text_layer(i), cfg, dtype).eval()
+        path = exporter.export("layer", layer, (hidden, cos, sin, bias, *kv), scratch / f"layers.{i}.onnx",
+                            input_names=layer_in, output_names=layer_out, dynamic_shapes=layer_dims,
+                            dim_names={("mask_bias", 4): "past_plus_seq"}, **common)
+        del layer
+        yield Piece(f"layers.{i}", path,
+                    {"hidden": "hidden", "rope_cos": "rope_cos", "rope_sin": "rope_sin", "mask_bias": "mask_bias",
+                     "past_key": f"past_key.{i}", "past_value": f"past_value.{i}"},
+                    {"hidden_out": "hidden", "present_key": f"present_key.{i}", "present_value": f"present_value.{i}"})
+
+    epilogue = Epilogue(parts.text_norm(), parts.lm_head(), dtype).eval()
+    path = exporter.export("epilogue", epilogue, (hidden, torch.tensor([2], dtype=torch.int64)),
+                           scratch / "epilogue.onnx",
+                        input_names=["hidden", "logits_to_keep"], output_names=["logits"],
+                        dynamic_shapes=({0: batch, 1: seq}, None), dim_names={("logits", 1): "keep"}, **common)
+    del epilogue
+    yield Piece("epilogue", path, {"hidden": "hidden", "logits_to_keep": "logits_to_keep"}, {"logits": "logits"})
 
 
-def _rename_dims(model, names: dict) -> None:
-    """Give the exporter's generated symbolic dims (s53, u0, ...) stable names everywhere they occur."""
-    import onnx_ir as ir
+PieceHook = Callable[[Piece], Piece]
 
-    old = {str(k): v for k, v in names.items()}
-    values = [*model.graph.inputs, *model.graph.outputs]
-    values += [out for node in model.graph for out in node.outputs]
-    for value in values:
-        if value.shape is not None and any(str(d) in old for d in value.shape):
-            value.shape = ir.Shape([old.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
+
+def export_decoder(model, out_path: Path, *, precision: str = "fp32", opset: int = 17,
+                   on_piece: PieceHook | None = None) -> Path:
+    """Export the language model + lm_head to `out_path` (weights in `<name>.onnx.data`); returns the path.
+
+    model: a transformers Qwen2_5_VLForConditionalGeneration or the parts of a checkpoint (zoomin.build.weights).
+    The graph is exported piece by piece (`decoder_pieces`) and stitched; `on_piece` may replace each piece as it
+    is made (the quantized build calibrates and quantizes it there) before the next piece is exported.
+    """
+    _check_export_args(precision, opset)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    parts = as_parts(model)
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.pieces.", dir=out_path.parent) as scratch:
+        pieces = [on_piece(p) if on_piece else p for p in decoder_pieces(parts, Path(scratch), precision=precision,
+                                                                        opset=opset)]
+        inputs, outputs = io_names(parts.text.num_hidden_layers)
+        return stitch(pieces, out_path, inputs=inputs, outputs=outputs)
 
 
 # Ops whose `axes` moved from attribute to input in opset 18.

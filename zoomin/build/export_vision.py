@@ -12,6 +12,10 @@ contiguous for `cu_seqlens`.
 Graph I/O (N patches, Gw windows, Gf frames of L patches; see vision_meta.vision_inputs):
   pixel_values float32 (N, 1176)   + vision_meta.META_NAMES   ->   image_embeds float32 (N / 4, out_hidden_size)
 
+The build exports the tower piece by piece (`vision_pieces`: patch embedding with the window tables, one piece per
+block, the merger) and stitches the pieces (zoomin.build.stitch): one block's weights in memory at a time, the
+same graph outputs as one export of the whole VisionGraph.
+
 fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary, softmax and the full-attention
 blocks' attention run in float32 (as transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
 runs in float32 and the residual stream stays float32 from there to the merger: the 3B tower's last down_proj
@@ -20,8 +24,9 @@ overflows fp16 (TensorRT Edge-LLM keeps it in fp32 for that reason).
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,9 @@ from zoomin.runtime.config import VisionConfig, vision_config
 from zoomin.runtime.vision import VisionEncoder
 from zoomin.runtime.vision_meta import META_NAMES, VISION_ROPE_THETA, rotary_inv_freq, vision_inputs
 
-from .export_decoder import PRECISIONS, RMSNorm, cast_linear, quiet_export, rotate
+from .export_decoder import PRECISIONS, PieceHook, RMSNorm, cast_linear, rotate
+from .stitch import Piece, PieceExporter, stitch
+from .weights import Parts, as_parts
 
 
 
@@ -147,20 +154,30 @@ class Block(nn.Module):
         return x.to(down.dtype) + down  # float32 from the first fp32 down_proj on
 
 
+def check_rotary(rotary: nn.Module, cfg: VisionConfig) -> None:
+    """The host computes the rotary tables (vision_meta); refuse a tower whose frequencies differ from them."""
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
+        raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
+                         f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
+
+
+def patch_linear(patch_embed: nn.Module, cfg: VisionConfig, dtype: torch.dtype) -> nn.Linear:
+    """The patch embedding's Conv3d (kernel == stride over one row of pixel_values) as the Linear it is."""
+    linear = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, device="meta")
+    linear.weight = nn.Parameter(patch_embed.proj.weight.detach().reshape(cfg.hidden_size, -1).to(dtype),
+                                 requires_grad=False)
+    return linear
+
+
 class VisionGraph(nn.Module):
     """transformers' Qwen2_5_VisionTransformerPretrainedModel as a function of pixel_values + host metadata."""
 
     def __init__(self, visual: nn.Module, cfg: VisionConfig, dtype: torch.dtype = torch.float32,
                  fp32_down_proj: Collection[int] = ()):
         super().__init__()
-        inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().cpu().numpy()
-        if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
-            raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
-                             f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
-        embed = visual.patch_embed.proj  # Conv3d with kernel == stride over one row of pixel_values == a Linear
-        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, device="meta")
-        self.patch_embed.weight = nn.Parameter(embed.weight.detach().reshape(cfg.hidden_size, -1).to(dtype),
-                                               requires_grad=False)
+        check_rotary(visual.rotary_pos_emb, cfg)
+        self.patch_embed = patch_linear(visual.patch_embed, cfg, dtype)
         self.blocks = nn.ModuleList(
             Block(b, cfg.num_heads, dtype, fp32_down=i in fp32_down_proj) for i, b in enumerate(visual.blocks))
         merger = visual.merger
@@ -197,42 +214,135 @@ def example_inputs(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int 
     return {"pixel_values": random_pixels(cfg, grids, seed), **vision_inputs(np.asarray(grids, np.int64), cfg)}
 
 
-def export_vision(model: nn.Module, out_path: Path, *, precision: str = "fp32", opset: int = 18,
-                  fp32_down_proj: Collection[int] | None = None) -> Path:
-    """Write `out_path` (+ `out_path.data`, the weights) for a transformers Qwen2_5_VLForConditionalGeneration.
+class VisionPrologue(nn.Module):
+    """Patch embedding plus what every windowed block shares: the rotary tables gathered to the window slots and
+    the windows' key mask as an additive bias (VisionGraph.forward computes the same once per call)."""
+
+    def __init__(self, patch_embed: nn.Module, cfg: VisionConfig, dtype: torch.dtype):
+        super().__init__()
+        self.patch_embed = patch_linear(patch_embed, cfg, dtype)
+        self.dtype = dtype
+
+    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_valid):
+        return (self.patch_embed(pixel_values.to(self.dtype)), take_rows(rotary_cos, window_gather),
+                take_rows(rotary_sin, window_gather), mask_bias(window_valid))
+
+
+class WindowBlock(Block):
+    """One windowed block as a function of the residual stream and the prologue's window tables."""
+
+    def forward(self, hidden, window_cos, window_sin, window_gather, window_bias, window_scatter):
+        return super().forward(hidden, lambda qkv, heads: grouped_attention(
+            qkv, window_cos, window_sin, window_gather, window_bias, window_scatter, heads))
+
+
+class FrameBlock(Block):
+    """One full-attention block (attention within each frame)."""
+
+    def forward(self, hidden, rotary_cos, rotary_sin, full_gather):
+        return super().forward(hidden, lambda qkv, heads: frame_attention_block(
+            qkv, rotary_cos, rotary_sin, full_gather, heads))
+
+
+class Merger(nn.Module):
+    """Patch merger: RMSNorm, then an MLP over each merged unit of four consecutive patches; float32 out."""
+
+    def __init__(self, merger: nn.Module, cfg: VisionConfig, dtype: torch.dtype):
+        super().__init__()
+        self.ln_q = RMSNorm(merger.ln_q, dtype)
+        self.fc1, self.fc2 = cast_linear(merger.mlp[0], dtype), cast_linear(merger.mlp[2], dtype)
+        self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.dtype = dtype
+
+    def forward(self, hidden):
+        h = self.ln_q(hidden).to(self.dtype).reshape(-1, self.unit_dim)
+        return self.fc2(nn.functional.gelu(self.fc1(h))).float()
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"vision precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def vision_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opset: int = 18,
+                  fp32_down_proj: Collection[int] | None = None) -> Iterator[Piece]:
+    """Export the vision tower into `scratch` one piece at a time: prologue (patch embedding, window tables), each
+    block, merger. A generator, like export_decoder.decoder_pieces: one block's weights are loaded at a time.
 
     fp32_down_proj: vision blocks whose MLP down_proj stays float32 in an fp16 graph (default: the last block).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"vision precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    cfg = vision_config(model.config.to_dict())
-    visual = model.model.visual
+    _check_precision(precision)
+    cfg, dtype = parts.vision, PRECISIONS[precision]
     if fp32_down_proj is None:
         fp32_down_proj = (cfg.depth - 1,) if precision == "fp16" else ()
-    graph = VisionGraph(visual, cfg, PRECISIONS[precision], fp32_down_proj).eval()
-
+    check_rotary(parts.vision_rotary(), cfg)
+    scratch = Path(scratch)
     # Three equal frames (one call holds equally sized frames), partial edge windows: no dynamic dimension is 1 or
     # equal to another (torch.export would specialise or equate it).
     example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 10, 14)] * 3).items()}
     units = torch.export.Dim("merged_units", min=1)
     patches = cfg.spatial_merge_size**2 * units
     windows, frames, frame_len = (torch.export.Dim(n, min=1) for n in ("windows", "frames", "frame_len"))
-    dynamic = {
-        "pixel_values": {0: patches}, "rotary_cos": {0: patches}, "rotary_sin": {0: patches},
-        "window_gather": {0: windows}, "window_valid": {0: windows}, "window_scatter": {0: patches},
-        "full_gather": {0: frames, 1: frame_len},
-    }
+    attention_onnx = {torch.ops.zoomin.frame_attention.default: _frame_attention_onnx}
+    exporter = PieceExporter()
+
+    def piece(name, key, module, inputs: dict, outputs: list[str], dims: tuple, **kwargs) -> Piece:
+        path = exporter.export(key, module, tuple(inputs.values()), scratch / f"{name}.onnx",
+                               input_names=list(inputs), output_names=outputs, dynamic_shapes=dims, opset=opset,
+                               **kwargs)
+        return Piece(name, path, {n: n for n in inputs}, {o: o.removesuffix("_out") for o in outputs})
+
+    names = ["pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_valid"]
+    prologue = VisionPrologue(parts.vision_patch_embed(), cfg, dtype).eval()
+    yield piece("prologue", "prologue", prologue, {n: example[n] for n in names},
+                ["hidden", "window_cos", "window_sin", "window_bias"],
+                ({0: patches}, {0: patches}, {0: patches}, {0: windows}, {0: windows}))
+    with torch.no_grad():
+        hidden, window_cos, window_sin, window_bias = prologue(*(example[n] for n in names))
+    del prologue
+
+    full = frozenset(cfg.fullatt_block_indexes)
+    for i in range(cfg.depth):
+        kind = FrameBlock if i in full else WindowBlock
+        block = kind(parts.vision_block(i), cfg.num_heads, dtype, fp32_down=i in fp32_down_proj).eval()
+        if i in full:
+            yield piece(f"blocks.{i}", ("frame", hidden.dtype, i in fp32_down_proj), block,
+                        {"hidden": hidden, **{n: example[n] for n in ("rotary_cos", "rotary_sin", "full_gather")}},
+                        ["hidden_out"], ({0: patches}, {0: patches}, {0: patches}, {0: frames, 1: frame_len}),
+                        custom_translation_table=attention_onnx)
+        else:
+            yield piece(f"blocks.{i}", ("window", hidden.dtype, i in fp32_down_proj), block,
+                        {"hidden": hidden, "window_cos": window_cos, "window_sin": window_sin,
+                         "window_gather": example["window_gather"], "window_bias": window_bias,
+                         "window_scatter": example["window_scatter"]},
+                        ["hidden_out"], ({0: patches}, {0: windows}, {0: windows}, {0: windows}, {0: windows},
+                                         {0: patches}))
+        del block
+        if i in fp32_down_proj:
+            hidden = hidden.float()  # the residual stream stays float32 from an fp32 down_proj on
+
+    def name_output(model: ir.Model) -> None:
+        model.graph.outputs[0].shape = ir.Shape([ir.SymbolicDim("merged_units"), cfg.out_hidden_size])
+
+    yield piece("merger", ("merger", hidden.dtype), Merger(parts.vision_merger(), cfg, dtype).eval(),
+                {"hidden": hidden}, ["image_embeds"],
+                ({0: patches},), finalize=name_output)
+
+
+def export_vision(model, out_path: Path, *, precision: str = "fp32", opset: int = 18,
+                  fp32_down_proj: Collection[int] | None = None, on_piece: PieceHook | None = None) -> Path:
+    """Write `out_path` (+ `out_path.data`, the weights) for a transformers Qwen2_5_VLForConditionalGeneration or
+    a checkpoint's parts (zoomin.build.weights): exported piece by piece (`vision_pieces`) and stitched; `on_piece`
+    may replace each piece as it is made (see export_decoder.export_decoder).
+    """
+    _check_precision(precision)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with quiet_export():
-        program = torch.onnx.export(
-            graph, (), kwargs=example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-            input_names=["pixel_values", *META_NAMES], output_names=["image_embeds"], optimize=True,
-            verbose=False, custom_translation_table={torch.ops.zoomin.frame_attention.default: _frame_attention_onnx})
-    output = program.model.graph.outputs[0]
-    output.shape = ir.Shape([ir.SymbolicDim("merged_units"), cfg.out_hidden_size])
-    program.save(str(out_path), external_data=True)
-    return out_path
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.pieces.", dir=out_path.parent) as scratch:
+        pieces = [on_piece(p) if on_piece else p
+                  for p in vision_pieces(as_parts(model), Path(scratch), precision=precision, opset=opset,
+                                         fp32_down_proj=fp32_down_proj)]
+        return stitch(pieces, out_path, inputs=["pixel_values", *META_NAMES], outputs=["image_embeds"])
 
 
 @dataclass(frozen=True)
@@ -244,13 +354,16 @@ class VisionParity:
 
 def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS, *,
                   seed: int = 0, encoder: VisionEncoder | None = None) -> VisionParity:
-    """Run the ONNX graph and transformers' `model.model.visual` on the same random pixels, all grids in one call."""
-    cfg = vision_config(model.config.to_dict())
+    """Run the ONNX graph and transformers' `model.model.visual` on the same random pixels, all grids in one call.
+
+    model: a Qwen2_5_VLForConditionalGeneration or just its vision tower (zoomin.build.weights' vision_tower).
+    """
+    visual = model.model.visual if hasattr(model, "model") else model
+    cfg = vision_config({"vision_config": visual.config.to_dict()})
     grid = np.asarray(grids, dtype=np.int64)
     pixels = random_pixels(cfg, grid, seed)
-    with torch.no_grad():  # the path the language model takes: per-image pooler outputs of model.visual
-        per_image = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output
-    ref = torch.cat(per_image).float().numpy()
+    with torch.no_grad():  # what get_image_features splits per image for the language model
+        ref = visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid)).pooler_output.float().numpy()
     encoder = encoder or VisionEncoder(onnx_path, cfg)
     t0 = time.perf_counter()
     out = encoder.encode(pixels, grid)

@@ -1,4 +1,7 @@
-"""Quantize an engine's fp32 ONNX graphs with onnxruntime.quantization, keeping every graph input and output.
+"""Quantize fp32 ONNX graphs with onnxruntime.quantization, keeping every graph input and output.
+
+The streamed build (zoomin.build.streaming) quantizes each exported piece (a decoder layer, a vision block, the
+lm_head) on its own calibration inputs and stitches the quantized pieces; the functions below take any graph.
 
 Graph I/O is untouched (float32 embeddings/logits, float32 KV cache), so the runtime's Decoder and VisionEncoder
 load every precision unchanged. Only constant-weight MatMuls are quantized: attention's activation x activation
@@ -85,9 +88,15 @@ class QuantConfig:
 def quantize_graph(role: str, src: Path, dst: Path, cfg: QuantConfig, feeds: Sequence[dict[str, np.ndarray]],
                    scratch: Path, *, vocab_size: int | None = None) -> Path:
     """Quantize the fp32 graph `src` ("vision" or "decoder") to `dst` (+ `dst`.data)."""
+    import onnx
+
     scratch.mkdir(parents=True, exist_ok=True)
     if role == "vision":
         src = gemms_to_matmuls(src, scratch / "vision.matmul.onnx")
+    if not weight_matmuls(onnx.load(str(src), load_external_data=False)):
+        # nothing to quantize (a streamed build's decoder prologue: mask and rotary tables only)
+        ir.save(ir.load(str(src)), str(dst), external_data=dst.name + ".data")
+        return dst
     with _quiet_ort_logging():
         if cfg.precision == "fp8":
             quantize_fp8(src, dst, feeds, scratch)
