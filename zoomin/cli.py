@@ -169,3 +169,41 @@ def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: b
 
     load = IsolatedZoomIn if isolate else ZoomIn.load
     return load(engine_dir, device=device, reuse=not no_reuse, threads=threads, **overrides)
+
+
+@main.command()
+@click.option("--engine", "engine_dir", required=True, type=click.Path(path_type=Path),
+              help="Engine directory from zoomin-build.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images waiting for the engine; more are answered 429.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True)
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=8192 * 8192, show_default=True,
+              help="Larger images are refused before decoding (413).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True, help="Seconds per request, queueing included (504 after).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--max-image-tokens", type=click.IntRange(min=0), default=None,
+              help="Override the protocol's image-token limit (0 = none).")
+def serve(engine_dir, host, port, max_queue, max_body_mb, max_image_pixels, timeout_s, device, threads,
+          max_image_tokens) -> None:
+    """Serve ZoomIn over HTTP: POST /v1/detect, GET /health /ready /metrics /v1/engine (needs the serve extra)."""
+    try:
+        import uvicorn
+
+        from .serve import ServeConfig, create_app
+    except ImportError as e:
+        raise click.ClickException(f"needs the serve extra (pip install 'zoomin[serve]'): {e}") from None
+    from .runtime import EngineError, Manifest
+
+    try:
+        Manifest.load(engine_dir)  # a wrong path fails here, not as a server that is never ready
+    except EngineError as e:
+        raise click.ClickException(str(e)) from None
+    overrides = () if max_image_tokens is None else (("max_image_tokens", max_image_tokens or None),)
+    cfg = ServeConfig(engine=engine_dir, device=device, threads=threads, max_queue=max_queue,
+                      max_body_bytes=int(max_body_mb * (1 << 20)), max_image_pixels=max_image_pixels,
+                      request_timeout_s=timeout_s, protocol_overrides=overrides)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info", timeout_graceful_shutdown=timeout_s)

@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .image_header import header_size
+
 MIN_SIDE = 14
 """Smallest accepted side in pixels: one vision patch. Below that the model would only see interpolation."""
 
@@ -50,6 +52,11 @@ class ImageError(ValueError):
         return type(self), (self.source, self.problem)
 
 
+class ImageTooLarge(ImageError):
+    """More pixels than the caller allows (`load_image(max_pixels=...)`): refused before decoding when the
+    header declares the size, so a decompression bomb never allocates."""
+
+
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
 
@@ -60,25 +67,35 @@ def source_name(src: ImageSource) -> str:
     return "<array>" if isinstance(src, np.ndarray) else "<bytes>"
 
 
-def load_image(src: ImageSource, *, min_side: int = MIN_SIDE) -> np.ndarray:
+def load_image(src: ImageSource, *, min_side: int = MIN_SIDE, max_pixels: int | None = None) -> np.ndarray:
     """Return `src` as an upright RGB uint8 array (H, W, 3).
 
     `src` is a file path, the encoded file bytes, or an already decoded uint8 array: (H, W, 3) RGB is taken
-    as is, (H, W) gray and (H, W, 4) RGBA are converted like decoded files. Raises ImageError (a ValueError).
+    as is, (H, W) gray and (H, W, 4) RGBA are converted like decoded files. Raises ImageError (a ValueError);
+    ImageTooLarge when the image has more than `max_pixels` pixels.
     """
     name = source_name(src)
     if isinstance(src, np.ndarray):
         image = _from_array(src, name)
-    elif isinstance(src, (str, os.PathLike)):
-        image = _decode(_read_file(Path(src), name), name)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        image = _decode(bytes(src), name)
+    elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
+        data = _read_file(Path(src), name) if isinstance(src, (str, os.PathLike)) else bytes(src)
+        if max_pixels is not None:
+            _check_pixels(header_size(data), max_pixels, name)
+        image = _decode(data, name)
     else:
         raise TypeError(f"load_image takes a path, bytes or a numpy array, not {type(src).__name__}")
     h, w = image.shape[:2]
+    if max_pixels is not None:
+        _check_pixels((w, h), max_pixels, name)
     if min(h, w) < min_side:
         raise ImageError(name, f"image too small: {w}x{h} (width x height); each side must be >= {min_side}")
     return image
+
+
+def _check_pixels(size: tuple[int, int] | None, max_pixels: int, name: str) -> None:
+    if size is not None and size[0] * size[1] > max_pixels:
+        w, h = size
+        raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
 
 
 def _read_file(path: Path, name: str) -> bytes:

@@ -170,12 +170,14 @@ class ZoomIn:
 
     def detect(self, image: ImageSource, *, regions: Sequence[RegionInput] | None = None,
                zoom_regions: Sequence[RegionInput] | None = None, max_new_tokens: int | None = None,
-               sampling: Sampling = Sampling()) -> DetectResult:
+               sampling: Sampling = Sampling(), deadline: float | None = None) -> DetectResult:
         """Run both queries on one image.
 
         regions (original pixels): query 1's answer is teacher-forced from them (its KV is still prefilled).
         zoom_regions (original pixels): query 1 is generated as usual, but query 2 zooms into these instead of
         the boxes parsed from its answer (region proposals from elsewhere; a fixed workload for benchmarks).
+        deadline (time.monotonic()): past it, the job stops at the next decode step with DeadlineExceeded, so a
+        service's timed-out request does not hold the engine for the rest of its answer.
         """
         p = self.protocol
         times: dict[str, float] = {}
@@ -197,7 +199,7 @@ class ZoomIn:
         self.lm.begin()
         ids1 = self.scan_ids(pre)
         forced = self.forced_answer(regions, pre) if regions is not None else None
-        obs1 = self._observer()
+        obs1 = self._observer(deadline)
         g1 = self.lm.run(ids1, [pre], forced=forced, max_new_tokens=max_new_tokens or p.max_new_tokens_scan,
                          sampler=sampler, observer=obs1)
         t = time.perf_counter()
@@ -218,7 +220,7 @@ class ZoomIn:
             cont, images2 = self.check_ids(pre, regions_out, crops)
             lap("crop")
             ids2 = np.concatenate([ids1, np.asarray(g1.tokens, np.int64), cont])
-            obs2 = self._observer()
+            obs2 = self._observer(deadline)
             g2 = self.lm.run(ids2, [pre, *images2], forced=None,
                              max_new_tokens=max_new_tokens or p.max_new_tokens_check, sampler=sampler, observer=obs2)
             times.update(vision_crops=g2.vision_ms, stage2_prefill=g2.prefill_ms, stage2_decode=g2.decode_ms)
@@ -254,12 +256,12 @@ class ZoomIn:
             else:
                 yield name, result, None
 
-    def _observer(self) -> "_ScoreObserver":
+    def _observer(self, deadline: float | None = None) -> "_ScoreObserver":
         if self._scorer is None:
             p = self.protocol
             self._scorer = VerdictScorer(self.chat.tokenizer, f"<{p.verdict_tag}>", p.real_word, p.generated_word,
                                          self._vocab_size)
-        return _ScoreObserver(self.chat, self._scorer)
+        return _ScoreObserver(self.chat, self._scorer, deadline)
 
 
 # How allocation failures read: onnxruntime's arena ("Failed to allocate memory for requested buffer of size N"),
@@ -304,14 +306,21 @@ def _target(h: int, w: int, cfg: ImageConfig, min_pixels: int, max_pixels: int, 
     return (rh, rw), (rh // cfg.patch_size) * (rw // cfg.patch_size) // cfg.merge_size**2
 
 
-class _ScoreObserver:
-    """Feeds each decode step to the verdict scorer; keeps the last score (the final verdict's)."""
+class DeadlineExceeded(TimeoutError):
+    """The job passed its `deadline` and stopped between decode steps."""
 
-    def __init__(self, chat: ChatTokenizer, scorer: VerdictScorer):
-        self.chat, self.scorer = chat, scorer
+
+class _ScoreObserver:
+    """Feeds each decode step to the verdict scorer; keeps the last score (the final verdict's). Stops the job
+    at its deadline."""
+
+    def __init__(self, chat: ChatTokenizer, scorer: VerdictScorer, deadline: float | None = None):
+        self.chat, self.scorer, self.deadline = chat, scorer, deadline
         self.score: float | None = None
 
     def __call__(self, generated: list[int], logits: np.ndarray) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"deadline passed after {len(generated)} generated tokens")
         s = self.scorer.step(self.chat.decode(generated, skip_special_tokens=False), logits)
         if s is not None:
             self.score = s
