@@ -118,6 +118,9 @@ def load_hf(model_dir: str | Path, *, protocol: Protocol | None = None, threads:
     ckpt = validate_checkpoint(model_dir)
     model = load_checkpoint(ckpt, dtype=dtype)
     config = ModelConfig.from_checkpoint(ckpt)
-    chat = ChatTokenizer.from_file(ckpt / "tokenizer.json", config)
+    from .build.chat_check import derive_chat_format, load_template_tokenizer
+
+    chat = ChatTokenizer.from_file(ckpt / "tokenizer.json", config,
+                                   derive_chat_format(load_template_tokenizer(ckpt), str(ckpt)))
     return ZoomIn(HfLM(model, config, threads=threads), chat, config, protocol or Protocol.default(),
                   vocab_size=config.text.vocab_size)

@@ -31,6 +31,7 @@ import numpy as np
 from ..runtime.config import ModelConfig
 from ..runtime.manifest import Manifest
 from ..runtime.protocol import Protocol
+from .chat_check import write_chat_format
 from .checkpoint import BuildError, load_checkpoint, validate_checkpoint
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
@@ -253,7 +254,7 @@ def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
             parts = open_parts(ckpt)
             config = ModelConfig.from_checkpoint(ckpt)
         graphs = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy",
-                  "tokenizer": "tokenizer.json", "protocol": "protocol.json"}
+                  "tokenizer": "tokenizer.json", "protocol": "protocol.json", "chat": "chat.json"}
         prov = provenance(ckpt)
         if quant:
             parity = _quantized_stages(opts, quant, calib, parts, ckpt, config, protocol, tmp, stages)
@@ -292,9 +293,10 @@ def _float_stages(opts: BuildOptions, parts, ckpt: Path, protocol: Protocol, tmp
         write_embedding(parts, tmp, opts.precision)
     with stages(f"export language-model decoder ({opts.precision}, layer by layer)"):
         ed.export_decoder(parts, tmp / "decoder.onnx", precision=opts.precision, on_piece=layers)
-    with stages("copy tokenizer, preprocessing and protocol"):
+    with stages("copy tokenizer, preprocessing and protocol; verify the chat template"):
         copy_tokenizer(ckpt, tmp)
         protocol.save(tmp / "protocol.json")
+        stages.log(f"chat template: {write_chat_format(ckpt, protocol, tmp).source} (verified)")
     with stages("check parity against transformers"):
         return check_parity(parts, ckpt, tmp / "vision.onnx", tmp / "decoder.onnx", layers) if opts.check_parity \
             else {}
@@ -321,9 +323,10 @@ def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, confi
         (scratch / "table").mkdir()
         write_embedding(parts, scratch / "table", "fp32")
         table = scratch / "table" / "embed_tokens.npy"
-    with stages("copy tokenizer, preprocessing and protocol"):
+    with stages("copy tokenizer, preprocessing and protocol; verify the chat template"):
         copy_tokenizer(ckpt, tmp)
         protocol.save(tmp / "protocol.json")
+        stages.log(f"chat template: {write_chat_format(ckpt, protocol, tmp).source} (verified)")
 
     def stand_in(vision):
         return stand_in_engine(config, protocol, tmp / "tokenizer.json", table, vision)

@@ -2,7 +2,10 @@
 
 The runtime cannot use jinja or transformers, so the published Qwen2.5-VL chat template (see
 zoomin/build/tokenizer_gen.py CHAT_TEMPLATE) is re-implemented here as plain string building; the tests hold it
-to `apply_chat_template` output byte for byte. Token ids come from the checkpoint's own `tokenizer.json` via
+to `apply_chat_template` output byte for byte. A fine-tuned checkpoint may carry its own template: the build
+derives what it does differently (its default system turn: another text, or none; `ChatFormat`, stored as the
+engine's chat.json) and verifies this renderer against the checkpoint's template through transformers on the
+protocol's exact conversations, refusing a template it cannot follow (zoomin.build.chat_check). Token ids come from the checkpoint's own `tokenizer.json` via
 `tokenizers`, then each image's single <|image_pad|> is expanded to the image's token count, which is what the
 HF processor's text expansion gives (special tokens are split off before BPE, so n pads are n ids either way).
 
@@ -18,9 +21,11 @@ crosses a special token), so `prompt ids + generated ids + encode_continuation(.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -63,14 +68,47 @@ class Message:
         object.__setattr__(self, "content", parts)
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a checkpoint's chat template departs from the stock Qwen2.5-VL one (found and verified by the build)."""
+
+    default_system: str | None = DEFAULT_SYSTEM  # None: no system turn unless the conversation starts with one
+    source: str = "stock Qwen2.5-VL template"  # where it came from, for humans
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ChatFormat":
+        try:
+            d: dict[str, Any] = json.loads(Path(path).read_text())
+            return cls(default_system=d["default_system"], source=str(d.get("source", "")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: unreadable chat format ({e})") from None
+
+
+def messages_from_dicts(dicts: Sequence[dict[str, Any]]) -> list[Message]:
+    """Chat-template dicts ({"role", "content": str | [{"type": "image"|"text", ...}]}) as Message objects."""
+    out = []
+    for m in dicts:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(Message(m["role"], content))
+        else:
+            out.append(Message(m["role"], tuple(Image() if c["type"] == "image" else Text(c["text"])
+                                                for c in content)))
+    return out
+
+
 def render_chat(
-    messages: Sequence[Message], *, add_generation_prompt: bool, default_system: str = DEFAULT_SYSTEM
+    messages: Sequence[Message], *, add_generation_prompt: bool, default_system: str | None = DEFAULT_SYSTEM
 ) -> str:
-    """The Qwen2.5-VL chat template: a default system turn unless the first message is one, then every turn."""
+    """The Qwen2.5-VL chat template: a default system turn (if the format has one) unless the first message is a
+    system turn, then every turn."""
     if not messages:
         raise ValueError("cannot render an empty conversation: give at least one message")
     turns = _render_turns(messages, add_generation_prompt)
-    if messages[0].role == "system":
+    if messages[0].role == "system" or default_system is None:
         return turns
     return _render_turn(Message("system", default_system)) + turns
 
@@ -87,7 +125,8 @@ def render_continuation(messages: Sequence[Message], *, add_generation_prompt: b
 class ChatTokenizer:
     """Token ids for Qwen2.5-VL conversations, from the checkpoint's tokenizer.json."""
 
-    def __init__(self, tokenizer: Tokenizer, tokens: TokenIds, merge_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, tokens: TokenIds, merge_size: int,
+                 chat_format: ChatFormat = ChatFormat()) -> None:
         for name, token_id in (
             ("<|image_pad|>", tokens.image_pad),
             ("<|vision_start|>", tokens.vision_start),
@@ -103,9 +142,11 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.merge_size = merge_size
+        self.format = chat_format
 
     @classmethod
-    def from_file(cls, tokenizer_json: str | Path, config: ModelConfig) -> "ChatTokenizer":
+    def from_file(cls, tokenizer_json: str | Path, config: ModelConfig,
+                  chat_format: ChatFormat = ChatFormat()) -> "ChatTokenizer":
         path = Path(tokenizer_json)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -113,7 +154,7 @@ class ChatTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
-        return cls(tokenizer, config.tokens, config.image.merge_size)
+        return cls(tokenizer, config.tokens, config.image.merge_size, chat_format)
 
     def encode(
         self,
@@ -121,10 +162,10 @@ class ChatTokenizer:
         image_grids: Sequence[Sequence[int]] = (),
         *,
         add_generation_prompt: bool,
-        default_system: str = DEFAULT_SYSTEM,
     ) -> np.ndarray:
         """int64 ids of the whole conversation; image_grids holds one (t, h, w) per Image part, in order."""
-        text = render_chat(messages, add_generation_prompt=add_generation_prompt, default_system=default_system)
+        text = render_chat(messages, add_generation_prompt=add_generation_prompt,
+                           default_system=self.format.default_system)
         return self._encode_text(text, image_grids)
 
     def encode_continuation(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import ChatTokenizer
+from .chat import ChatFormat, ChatTokenizer
 from .config import ModelConfig
 from .decoder import Decoder
 from .manifest import EngineError, Manifest
@@ -49,7 +49,11 @@ class Engine:
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise EngineError(f"{root}: cannot load graphs ({str(e).splitlines()[0]})") from None
         embed = np.load(root / graphs["embed_tokens"], mmap_mode="r")
-        chat = ChatTokenizer.from_file(root / graphs["tokenizer"], manifest.config)
+        try:  # engines built before chat.json existed were made for the stock template
+            chat_format = ChatFormat.load(root / graphs["chat"]) if "chat" in graphs else ChatFormat()
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        chat = ChatTokenizer.from_file(root / graphs["tokenizer"], manifest.config, chat_format)
         protocol = Protocol.load(root / graphs["protocol"])
         return cls(root, manifest, protocol, chat, vision, decoder, embed, device)
 

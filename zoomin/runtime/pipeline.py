@@ -15,7 +15,7 @@ from typing import Any, Protocol as Interface
 
 import numpy as np
 
-from .chat import ChatTokenizer, Image, Message, Text
+from .chat import ChatTokenizer, messages_from_dicts
 from .config import ImageConfig, ModelConfig
 from .crop import CropConfig, box_to_original, make_crop
 from .image_io import ImageError, ImageSource, load_image, source_name
@@ -118,7 +118,8 @@ class ZoomIn:
         return preprocess_image(rgb, config=img)
 
     def scan_ids(self, pre: PreprocessedImage) -> np.ndarray:
-        return self.chat.encode(_messages(self.protocol.scan_messages()), [pre.grid_thw], add_generation_prompt=True)
+        return self.chat.encode(messages_from_dicts(self.protocol.scan_messages()), [pre.grid_thw],
+                                add_generation_prompt=True)
 
     def model_boxes(self, regions: Sequence[RegionInput], pre: PreprocessedImage) -> list[Box]:
         """Caller regions (original pixels, optionally labelled) as integer boxes in model coordinates."""
@@ -162,7 +163,7 @@ class ZoomIn:
         turn = self.protocol.check_messages("", boxes)[-1]
         images = [pre if part.get("source") == "original" else crops[part["index"]]
                   for part in turn["content"] if part["type"] == "image"]
-        ids = self.chat.encode_continuation(_messages([turn]), [im.grid_thw for im in images],
+        ids = self.chat.encode_continuation(messages_from_dicts([turn]), [im.grid_thw for im in images],
                                             add_generation_prompt=True)
         return ids, images
 
@@ -324,16 +325,3 @@ class _ScoreObserver:
         s = self.scorer.step(self.chat.decode(generated, skip_special_tokens=False), logits)
         if s is not None:
             self.score = s
-
-
-def _messages(dicts: Sequence[dict[str, Any]]) -> list[Message]:
-    """The protocol's chat-template dicts as chat.Message objects."""
-    out = []
-    for m in dicts:
-        content = m["content"]
-        if isinstance(content, str):
-            out.append(Message(m["role"], content))
-        else:
-            out.append(Message(m["role"], tuple(Image() if c["type"] == "image" else Text(c["text"])
-                                                for c in content)))
-    return out
