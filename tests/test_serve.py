@@ -64,6 +64,16 @@ class Gate:
         return self.zi.detect(image, **kw)
 
 
+def gated(gates: list[Gate]):
+    """load_detectors for create_app: the engine's ZoomIn behind a Gate, which is appended to `gates`."""
+    def load(cfg):
+        zis, info = load_engine_detectors(cfg)
+        gates.append(Gate(zis[0]))
+        return gates, info
+
+    return load
+
+
 def png(rgb: np.ndarray) -> bytes:
     return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
@@ -207,13 +217,8 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 def test_queue_full_answers_429_then_everything_admitted_is_answered(tiny_engine, images):
-    gates = []
-
-    def load(cfg):
-        zis, info = load_engine_detectors(cfg)
-        gates.append(Gate(zis[0]))
-        return gates, info
-
+    gates: list[Gate] = []
+    load = gated(gates)
     s = Server(create_app(ServeConfig(engine=tiny_engine, max_queue=1), load_detectors=load))
     try:
         s.wait_ready()
@@ -247,13 +252,8 @@ def test_queue_full_answers_429_then_everything_admitted_is_answered(tiny_engine
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_engine, images):
-    gates = []
-
-    def load(cfg):
-        zis, info = load_engine_detectors(cfg)
-        gates.append(Gate(zis[0]))
-        return gates, info
-
+    gates: list[Gate] = []
+    load = gated(gates)
     s = Server(create_app(ServeConfig(engine=tiny_engine), load_detectors=load))
     s.wait_ready()
     with ThreadPoolExecutor(1) as pool:
