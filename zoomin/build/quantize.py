@@ -110,8 +110,12 @@ def quantize_graph(role: str, src: Path, dst: Path, cfg: QuantConfig, feeds: Seq
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    # reduce_range: 7-bit weights. Without VNNI (AVX2 x86: AMD Zen 1-3, older Intel) ONNX Runtime's u8s8 kernel adds
+    # pairs of products in saturating int16 (vpmaddubsw); full-range weights can overflow it (tiny int8 KL 1.0e-5
+    # on an AVX-512-VNNI Xeon, 1.7e-4 on a Zen 3 EPYC). 7 bits cannot overflow on any x86.
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                     weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
 
 
 def quantize_fp8(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], scratch: Path) -> None:
