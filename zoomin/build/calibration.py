@@ -267,14 +267,14 @@ def scripted_answer(protocol, tokenizer) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def stand_in_engine(config, protocol, tokenizer_json: Path, embed_tokens: Path, vision):
+def stand_in_engine(config, protocol, tokenizer_json: Path, embed_tokens: Path, vision, chat_format=None):
     """An Engine for `record` with no graph: `vision` (PlaceholderVision / ReplayVision) and a ScriptedDecoder;
     token embeddings are gathered from the fp32 table `embed_tokens` like the runtime does."""
     from ..runtime.chat import ChatFormat, ChatTokenizer
     from ..runtime.engine import Engine
     from ..runtime.manifest import Manifest
 
-    chat = ChatTokenizer.from_file(tokenizer_json, config, ChatFormat.load(Path(tokenizer_json).parent / "chat.json"))
+    chat = ChatTokenizer.from_file(tokenizer_json, config, chat_format or ChatFormat())
     script = [*scripted_answer(protocol, chat.tokenizer), config.tokens.im_end]
     manifest = Manifest(precision="fp32", config=config, files={}, graphs={}, provenance={})
     return Engine(Path(embed_tokens).parent, manifest, protocol, chat, vision,

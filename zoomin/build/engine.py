@@ -326,10 +326,11 @@ def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, confi
     with stages("copy tokenizer, preprocessing and protocol; verify the chat template"):
         copy_tokenizer(ckpt, tmp)
         protocol.save(tmp / "protocol.json")
-        stages.log(f"chat template: {write_chat_format(ckpt, protocol, tmp).source} (verified)")
+        chat_format = write_chat_format(ckpt, protocol, tmp)
+        stages.log(f"chat template: {chat_format.source} (verified)")
 
     def stand_in(vision):
-        return stand_in_engine(config, protocol, tmp / "tokenizer.json", table, vision)
+        return stand_in_engine(config, protocol, tmp / "tokenizer.json", table, vision, chat_format)
 
     with stages(f"lay out the ZoomIn conversations of {len(calib.images)} calibration images"):
         layout = record(stand_in(PlaceholderVision(config.vision)), calib)
