@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from zoomin.build import engine as engine_mod
 from zoomin.build.cli import main as build_cli
 from zoomin.runtime import EngineError, Manifest, ModelConfig, ZoomIn
-from zoomin.runtime.manifest import sha256_file
+from zoomin.runtime.manifest import FORMAT_VERSION, sha256_file
 
 
 def test_manifest_describes_every_file(tiny_engine, tiny_ckpt):
@@ -22,11 +23,11 @@ def test_manifest_describes_every_file(tiny_engine, tiny_ckpt):
     assert set(m.files) == on_disk - {"manifest.json"}
     for name, meta in m.files.items():
         assert meta["sha256"] == sha256_file(tiny_engine / name)
-    assert m.config == ModelConfig.from_checkpoint(tiny_ckpt)
-    assert m.precision == "fp32" and m.format_version == 2
+    assert m.config == replace(ModelConfig.from_checkpoint(tiny_ckpt), decoder_graph="gqa")  # flavour: the build's
+    assert m.precision == "fp32" and m.format_version == FORMAT_VERSION
     for key in ("source", "source_config_sha256", "torch", "transformers", "onnx", "built_at"):
         assert m.provenance[key]
-    assert {"vision.onnx", "decoder.onnx", "embed_tokens.npy", "protocol.json", "tokenizer.json"} <= set(m.files)
+    assert {"vision/stage0.onnx", "decoder.onnx", "embed_tokens.npy", "protocol.json", "tokenizer.json"} <= set(m.files)
     # parity measured at build time against transformers, fp32
     assert m.parity["vision_max_rel_err"] < 1e-4 and m.parity["prefill"] < 1e-4 and m.parity["decode"] < 1e-4
 

@@ -1,8 +1,9 @@
 """The exported text decoder + the runtime's KV-cache runner against transformers' Qwen2.5-VL.
 
-Each checkpoint is exported once per precision for this module. Errors are max|a-b| / max|b| over the logits.
-Measured on tiny/small (2-core CPU): fp32 <= 1e-6, fp16 <= 1e-3 (both prefill and decode); the bounds below
-keep 100x / 10x headroom.
+Both graph flavours: "gqa" (GroupQueryAttention over a shared cache buffer, what fp32/fp16/int8/int4 builds get)
+on tiny and small in fp32 and fp16, "plain" (standard ops, fp8/TensorRT builds) on tiny in fp32. Each is exported
+once for this module. Errors are max|a-b| / max|b| over the logits. Measured on tiny/small (2-core CPU): fp32
+<= 1e-6, fp16 <= 1e-3 (both prefill and decode, either flavour); the bounds below keep 100x / 10x headroom.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from zoomin.build.export_decoder import check_decoder, export_decoder, image_prompt_positions, relative_error
 from zoomin.runtime.config import ModelConfig
-from zoomin.runtime.decoder import Decoder, DecoderError, KVCache
+from zoomin.runtime.decoder import Decoder, DecoderError, KVCache, empty_cache_inputs
 
 FP32_BOUND = 1e-4
 FP16_BOUND = 1e-2
@@ -24,38 +25,36 @@ SHAPES = ["tiny", "small"]
 
 @pytest.fixture(scope="module")
 def exported(request, tmp_path_factory, hf_model_factory):
-    """(shape, precision) -> path of the exported graph; each exported at most once in this module."""
+    """(shape, precision, graph) -> path of the exported graph; each exported at most once in this module."""
     made = {}
 
-    def get(shape: str, precision: str = "fp32"):
-        if (shape, precision) not in made:
+    def get(shape: str, precision: str = "fp32", graph: str = "gqa"):
+        if (shape, precision, graph) not in made:
             ckpt = request.getfixturevalue(f"{shape}_ckpt")
-            out = tmp_path_factory.mktemp(f"decoder-{shape}-{precision}") / "decoder.onnx"
-            made[shape, precision] = export_decoder(hf_model_factory(ckpt), out, precision=precision)
-        return made[shape, precision]
+            out = tmp_path_factory.mktemp(f"decoder-{shape}-{precision}-{graph}") / "decoder.onnx"
+            made[shape, precision, graph] = export_decoder(hf_model_factory(ckpt), out, precision=precision,
+                                                           graph=graph)
+        return made[shape, precision, graph]
 
     return get
 
 
-def load(request, hf_model_factory, exported, shape: str, precision: str = "fp32"):
+def load(request, hf_model_factory, exported, shape: str, precision: str = "fp32", graph: str = "gqa"):
     ckpt = request.getfixturevalue(f"{shape}_ckpt")
     cfg = ModelConfig.from_checkpoint(ckpt)
-    return hf_model_factory(ckpt), cfg, Decoder.load(exported(shape, precision), cfg.text)
+    return hf_model_factory(ckpt), cfg, Decoder.load(exported(shape, precision, graph), cfg.text)
 
 
-def empty_past(cfg, dtype, batch=1):
-    t = cfg.text
-    z = np.zeros((batch, 0, t.num_key_value_heads, t.head_dim), dtype)
-    feeds = {f"past_key.{i}": z for i in range(t.num_hidden_layers)}
-    feeds.update({f"past_value.{i}": z for i in range(t.num_hidden_layers)})
-    return feeds
+# (shape, precision, graph) of every export the module makes
+GQA_CASES = [(shape, precision, "gqa") for shape in SHAPES for precision in ("fp32", "fp16")]
+PLAIN_CASE = ("tiny", "fp32", "plain")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_graph_contract(request, hf_model_factory, exported, shape, precision):
-    """Opset-17-valid graph, contract names/dtypes/dynamic dims, weights external in <name>.onnx.data."""
-    path = exported(shape, precision)
+@pytest.mark.parametrize("shape,precision,graph", [*GQA_CASES, PLAIN_CASE])
+def test_graph_contract(request, hf_model_factory, exported, shape, precision, graph):
+    """Opset-17-valid graph, contract names/dtypes/dynamic dims, weights external in <name>.onnx.data; only the gqa
+    graph holds com.microsoft ops (one GroupQueryAttention per layer)."""
+    path = exported(shape, precision, graph)
     cfg = ModelConfig.from_checkpoint(request.getfixturevalue(f"{shape}_ckpt")).text
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)
@@ -73,26 +72,33 @@ def test_graph_contract(request, hf_model_factory, exported, shape, precision):
         return {v.name: (v.type.tensor_type.elem_type,
                          [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values}
 
-    kv_in = {f"past_{k}.{i}": (kv_type, ["batch", "past", cfg.num_key_value_heads, cfg.head_dim])
-             for k in ("key", "value") for i in range(cfg.num_hidden_layers)}
-    kv_out = {f"present_{k}.{i}": (kv_type, ["batch", "seq", cfg.num_key_value_heads, cfg.head_dim])
-              for k in ("key", "value") for i in range(cfg.num_hidden_layers)}
-    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    kvh, d = cfg.num_key_value_heads, cfg.head_dim
+    f32, i64, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32
+    if graph == "gqa":
+        past, present = ["batch", kvh, "past", d], ["batch", kvh, "present", d]
+        cache = {"seqlens_k": (i32, ["batch"]), "total_sequence_length": (i32, [])}
+    else:
+        past, present = ["batch", "past", kvh, d], ["batch", "seq", kvh, d]
+        cache = {"attention_mask": (i64, ["batch", "past_plus_seq"])}
+    kv_in = {f"past_{k}.{i}": (kv_type, past) for k in ("key", "value") for i in range(cfg.num_hidden_layers)}
+    kv_out = {f"present_{k}.{i}": (kv_type, present) for k in ("key", "value") for i in range(cfg.num_hidden_layers)}
     assert sig(model.graph.input) == {
         "inputs_embeds": (f32, ["batch", "seq", cfg.hidden_size]),
         "position_ids": (i64, [3, "batch", "seq"]),
-        "attention_mask": (i64, ["batch", "past_plus_seq"]),
+        **cache,
         "logits_to_keep": (i64, [1]),
         **kv_in,
     }
     assert sig(model.graph.output) == {"logits": (f32, ["batch", "keep", cfg.vocab_size]), **kv_out}
+    contrib = [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert contrib == (["GroupQueryAttention"] * cfg.num_hidden_layers if graph == "gqa" else [])
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fp32_matches_transformers(hf_model_factory, request, exported, shape):
+@pytest.mark.parametrize("shape,graph", [("tiny", "gqa"), ("small", "gqa"), ("tiny", "plain")])
+def test_fp32_matches_transformers(hf_model_factory, request, exported, shape, graph):
     """Prefill over real M-RoPE image positions (all logits) and 4 KV-cache decode steps, vs transformers."""
     model = hf_model_factory(request.getfixturevalue(f"{shape}_ckpt"))
-    errors = check_decoder(model, exported(shape, "fp32"))
+    errors = check_decoder(model, exported(shape, "fp32", graph))
     assert errors["prefill"] <= FP32_BOUND and errors["decode"] <= FP32_BOUND, errors
     assert len(errors["decode_steps"]) == 4
 
@@ -107,8 +113,8 @@ def test_fp16_within_bound_and_runs_on_cpu(hf_model_factory, request, exported, 
 
 
 def test_attention_mask_and_batch_match_transformers(request, hf_model_factory, exported):
-    """A 2-row batch with masked-out keys equals transformers given the same 2-D mask, row by row."""
-    model, cfg, dec = load(request, hf_model_factory, exported, "tiny")
+    """Plain graph: a 2-row batch with masked-out keys equals transformers given the same 2-D mask, row by row."""
+    model, cfg, dec = load(request, hf_model_factory, exported, "tiny", graph="plain")
     positions, _ = image_prompt_positions(model, (1, 4, 4), 3, 3)
     s = positions.shape[1]
     g = torch.Generator().manual_seed(3)
@@ -119,13 +125,32 @@ def test_attention_mask_and_batch_match_transformers(request, hf_model_factory, 
     pos = positions[:, None].expand(3, 2, s).contiguous()
     with torch.no_grad():
         ref = model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
-    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy(),
-             "logits_to_keep": np.array([2]), **empty_past(cfg, np.float32, batch=2)}
+    t = cfg.text
+    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": pos.numpy(), "logits_to_keep": np.array([2]),
+             **empty_cache_inputs("plain", t.num_hidden_layers, t.num_key_value_heads, t.head_dim, 2, s),
+             "attention_mask": mask.numpy()}
     got = dec.session.run(["logits"], feeds)[0]
     assert got.shape == (2, 2, cfg.text.vocab_size)
     assert relative_error(got, ref[:, -2:].numpy()) <= FP32_BOUND
     unmasked = model(inputs_embeds=embeds, position_ids=pos).logits[:, -2:].detach().numpy()
     assert relative_error(got, unmasked) > 1e-2  # the mask really changed the result
+
+
+def test_gqa_batch_matches_transformers(request, hf_model_factory, exported):
+    """gqa graph: a 2-row batch of different prompts on an empty cache equals transformers, row by row."""
+    model, cfg, dec = load(request, hf_model_factory, exported, "tiny")
+    t = cfg.text
+    positions, _ = image_prompt_positions(model, (1, 4, 4), 3, 3)
+    s = positions.shape[1]
+    embeds = torch.randn(2, s, t.hidden_size, generator=torch.Generator().manual_seed(4)) * 0.05
+    pos = positions[:, None].expand(3, 2, s).contiguous()
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds, position_ids=pos).logits[:, -2:].numpy()
+    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": pos.numpy(), "logits_to_keep": np.array([2]),
+             **empty_cache_inputs("gqa", t.num_hidden_layers, t.num_key_value_heads, t.head_dim, 2, s)}
+    got = dec.session.run(["logits"], feeds)[0]
+    assert relative_error(got, ref) <= FP32_BOUND
+    assert relative_error(got[0], ref[1]) > 1e-2  # the rows really differ
 
 
 def hf_image_prompt(model, ckpt, grid_thw=(1, 8, 8), seed=0):
@@ -180,10 +205,11 @@ def test_greedy_generation_matches_hf_generate(request, hf_model_factory, export
     assert max(step_errors) <= FP32_BOUND, step_errors
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["gqa", "plain"])
 def tiny_run(request, hf_model_factory, exported):
-    """Tiny fp32 decoder plus a fixed random prompt (S=12) and 6 follow-up embeddings with positions."""
-    _, cfg, dec = load(request, hf_model_factory, exported, "tiny")
+    """Tiny fp32 decoder (each flavour) plus a fixed random prompt (S=12) and 6 follow-up embeddings with
+    positions."""
+    _, cfg, dec = load(request, hf_model_factory, exported, "tiny", graph=request.param)
     rng = np.random.default_rng(7)
     embeds = (rng.standard_normal((18, cfg.text.hidden_size)) * 0.05).astype(np.float32)
     positions = np.tile(np.arange(18, dtype=np.int64) + 3, (3, 1))
@@ -231,10 +257,12 @@ def test_prefix_snapshot_reuse_matches_full_run(tiny_run):
         assert snapshot.length == 8 and work.length == 18
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_present_rows_are_written_in_place(request, hf_model_factory, exported, precision):
-    """IO binding is zero-copy: ORT's outputs alias cache rows [P, P+S), equal an unbound run, leave rows < P."""
-    _, cfg, dec = load(request, hf_model_factory, exported, "tiny", precision)
+@pytest.mark.parametrize("precision,graph", [("fp32", "gqa"), ("fp16", "gqa"), ("fp32", "plain")])
+def test_present_rows_are_written_in_place(request, hf_model_factory, exported, precision, graph):
+    """IO binding is zero-copy: ORT writes positions [P, P+S) of the cache buffers themselves (gqa: the presents
+    are the whole shared buffers; plain: they alias rows [P, P+S)), equal to an unbound run, positions < P kept and
+    positions >= P+S untouched."""
+    _, cfg, dec = load(request, hf_model_factory, exported, "tiny", precision, graph)
     t = cfg.text
     rng = np.random.default_rng(1)
     embeds = (rng.standard_normal((7, t.hidden_size)) * 0.05).astype(np.float32)
@@ -242,27 +270,31 @@ def test_present_rows_are_written_in_place(request, hf_model_factory, exported, 
     cache = dec.new_cache(16)
     for buf in cache.keys + cache.values:
         buf[:] = np.nan  # any row ORT did not write stays NaN
+    rows = (lambda n, m: (slice(None), slice(None), slice(n, m))) if graph == "gqa" else \
+        (lambda n, m: (slice(None), slice(n, m)))
     dec.forward(embeds[:4], positions[:, :4], cache)
-    before = [buf[:, :4].copy() for buf in cache.keys + cache.values]
+    before = [buf[rows(0, 4)].copy() for buf in cache.keys + cache.values]
     logits = dec.forward(embeds[4:], positions[:, 4:], cache, logits_to_keep=3)
     assert cache.length == 7
     bound = dec._binding.get_outputs()  # bind order: key.0, value.0, key.1, ..., logits
     row = t.num_key_value_heads * t.head_dim * np.dtype(dec.cache_dtype).itemsize
     buffers = [b for pair in zip(cache.keys, cache.values) for b in pair]
-    assert [o.data_ptr() for o in bound[:-1]] == [b.ctypes.data + 4 * row for b in buffers]
+    offset = 0 if graph == "gqa" else 4 * row
+    assert [o.data_ptr() for o in bound[:-1]] == [b.ctypes.data + offset for b in buffers]
 
-    feeds = {"inputs_embeds": embeds[None, 4:], "position_ids": positions[:, None, 4:],
-             "attention_mask": np.ones((1, 7), np.int64), "logits_to_keep": np.array([3])}
+    feeds = {"inputs_embeds": embeds[None, 4:], "position_ids": positions[:, None, 4:], "logits_to_keep": np.array([3]),
+             **empty_cache_inputs(graph, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, 1, 7)}
     for i in range(t.num_hidden_layers):
         feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = before[i], before[t.num_hidden_layers + i]
     names = [o.name for o in dec.session.get_outputs()]
     plain = dict(zip(names, dec.session.run(None, feeds)))
     np.testing.assert_array_equal(plain["logits"][0], logits)
+    fresh = rows(4, 7) if graph == "gqa" else rows(0, 3)  # unbound, gqa returns the past + new rows, plain the new
     for i in range(t.num_hidden_layers):
-        np.testing.assert_array_equal(cache.keys[i][:, 4:7], plain[f"present_key.{i}"])
-        np.testing.assert_array_equal(cache.values[i][:, 4:7], plain[f"present_value.{i}"])
-        np.testing.assert_array_equal(cache.keys[i][:, :4], before[i])
-        assert np.isnan(cache.keys[i][:, 7:]).all()
+        np.testing.assert_array_equal(cache.keys[i][rows(4, 7)], plain[f"present_key.{i}"][fresh])
+        np.testing.assert_array_equal(cache.values[i][rows(4, 7)], plain[f"present_value.{i}"][fresh])
+        np.testing.assert_array_equal(cache.keys[i][rows(0, 4)], before[i])
+        assert np.isnan(cache.keys[i][rows(7, None)]).all() and np.isnan(cache.values[i][rows(7, None)]).all()
 
 
 def test_bad_inputs_raise_clear_errors(request, hf_model_factory, exported, tmp_path):
@@ -286,6 +318,13 @@ def test_bad_inputs_raise_clear_errors(request, hf_model_factory, exported, tmp_
                              np.float16)
     with pytest.raises(DecoderError, match="does not fit"):
         dec.forward(np.zeros((1, h), np.float32), pos[:, :1], wrong)
+    plain_layout = KVCache.allocate(cfg.text.num_hidden_layers, 8, cfg.text.num_key_value_heads, cfg.text.head_dim)
+    with pytest.raises(DecoderError, match="layout BSNH does not fit this gqa decoder"):
+        dec.forward(np.zeros((1, h), np.float32), pos[:, :1], plain_layout)
+    with pytest.raises(DecoderError, match="unknown decoder graph 'paged'"):
+        Decoder(dec.session, cfg.text, "paged")
+    with pytest.raises(DecoderError, match="declares a plain decoder graph but the graph is gqa"):
+        Decoder(dec.session, cfg.text, "plain")
     with pytest.raises(DecoderError, match="not found"):
         Decoder.load(tmp_path / "missing.onnx", cfg.text)
     small = ModelConfig.from_checkpoint(request.getfixturevalue("small_ckpt")).text
@@ -293,3 +332,5 @@ def test_bad_inputs_raise_clear_errors(request, hf_model_factory, exported, tmp_
         Decoder(dec.session, small)
     with pytest.raises(ValueError, match="precision"):
         export_decoder(None, tmp_path / "x.onnx", precision="int3")
+    with pytest.raises(ValueError, match="unknown decoder graph"):
+        export_decoder(None, tmp_path / "x.onnx", graph="paged")

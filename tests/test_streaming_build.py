@@ -1,8 +1,9 @@
 """The streamed build: lazy weights, graphs exported piece by piece and stitched, streamed calibration, stage memory.
 
 Reference for the stitched graphs is the whole-model export the build used before (one torch.onnx.export of the
-whole TextDecoder / VisionGraph, same settings): measured identical outputs, bit for bit, on tiny and small
-(fp32 and fp16, prefill and decode with past), so the bound is exact equality.
+whole TextDecoder, same settings): measured identical outputs, bit for bit, on tiny and small (fp32 and fp16,
+prefill and decode with past), so the bound is exact equality. The vision stages exported from the checkpoint's
+files are the in-memory model's, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,104 +21,103 @@ import torch
 from zoomin.build import engine as engine_mod
 from zoomin.build.calibration import PlaceholderVision, ReplayVision, load_calibration_set, record, stand_in_engine
 from zoomin.build.drift import replay_decoder
-from zoomin.build.export_decoder import TextDecoder, export_decoder, io_names, quiet_export
-from zoomin.build.export_vision import VisionGraph, _frame_attention_onnx, example_inputs, export_vision, random_pixels
+from zoomin.build.export_decoder import CUSTOM_OPS, TextDecoder, export_decoder, io_names, quiet_export
+from zoomin.build.export_vision import export_vision, random_pixels
 from zoomin.build.layer_parity import DecoderLayerParity
 from zoomin.build.quantize import QuantConfig
 from zoomin.build.streaming import quantize_decoder, quantize_vision
 from zoomin.build.weights import CheckpointParts, CheckpointWeights
-from zoomin.runtime.config import ModelConfig, vision_config
-from zoomin.runtime.decoder import Decoder
+from zoomin.runtime.config import ModelConfig
+from zoomin.runtime.decoder import Decoder, empty_cache_inputs
 from zoomin.runtime.protocol import Protocol
-from zoomin.runtime.vision import VisionEncoder
-from zoomin.runtime.vision_meta import META_NAMES
+from zoomin.runtime.vision import VisionEncoder, stage_files
 
 
-def whole_decoder_export(model, path: Path, precision: str) -> Path:
+def whole_decoder_export(model, path: Path, precision: str, graph: str) -> Path:
     """The pre-streaming export: the whole TextDecoder in one torch.onnx.export (opset 18, not downgraded)."""
-    dec = TextDecoder(model, torch.float16 if precision == "fp16" else torch.float32).eval()
+    dec = TextDecoder(model, torch.float16 if precision == "fp16" else torch.float32, graph).eval()
     cfg = dec.cfg
     b, s, p = 2, 3, 4
-    kv = (b, p, cfg.num_key_value_heads, cfg.head_dim)
     layers = cfg.num_hidden_layers
-    args = (torch.zeros(b, s, cfg.hidden_size), torch.arange(s).expand(3, b, s).contiguous(),
-            torch.ones(b, p + s, dtype=torch.int64), torch.tensor([2], dtype=torch.int64),
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    if graph == "gqa":
+        kv = (b, cfg.num_key_value_heads, p + s + 1, cfg.head_dim)
+        cache = (torch.full((b,), p + s - 1, dtype=torch.int32), torch.tensor(p + s, dtype=torch.int32))
+        cache_dims, kv_dims = ({0: batch}, None), [{0: batch, 2: past}] * layers
+    else:
+        kv = (b, p, cfg.num_key_value_heads, cfg.head_dim)
+        cache = (torch.ones(b, p + s, dtype=torch.int64),)
+        cache_dims, kv_dims = ({0: batch, 1: torch.export.Dim.AUTO},), [{0: batch, 1: past}] * layers
+    args = (torch.zeros(b, s, cfg.hidden_size), torch.arange(s).expand(3, b, s).contiguous(), cache,
+            torch.tensor([2], dtype=torch.int64),
             [torch.zeros(kv, dtype=dec.dtype) for _ in range(layers)],
             [torch.zeros(kv, dtype=dec.dtype) for _ in range(layers)])
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    kv_dims = [{0: batch, 1: past}] * layers
-    dynamic = ({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}, None, kv_dims, kv_dims)
-    names = io_names(layers)
+    dynamic = ({0: batch, 1: seq}, {1: batch, 2: seq}, cache_dims, None, kv_dims, kv_dims)
+    names = io_names(layers, graph)
     with quiet_export():
         program = torch.onnx.export(dec, args, input_names=names[0], output_names=names[1], dynamic_shapes=dynamic,
-                                    opset_version=18, dynamo=True, external_data=True)
+                                    opset_version=18, dynamo=True, external_data=True,
+                                    custom_translation_table=CUSTOM_OPS)
     program.save(str(path), external_data=True)
     return path
 
 
-def whole_vision_export(model, path: Path, precision: str) -> Path:
-    """The pre-streaming export: the whole VisionGraph in one torch.onnx.export."""
-    cfg = vision_config(model.config.to_dict())
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    graph = VisionGraph(model.model.visual, cfg, dtype, (cfg.depth - 1,) if precision == "fp16" else ()).eval()
-    example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 10, 14)] * 3).items()}
-    patches = cfg.spatial_merge_size**2 * torch.export.Dim("merged_units", min=1)
-    windows, frames, frame_len = (torch.export.Dim(n, min=1) for n in ("windows", "frames", "frame_len"))
-    dynamic = {"pixel_values": {0: patches}, "rotary_cos": {0: patches}, "rotary_sin": {0: patches},
-               "window_gather": {0: windows}, "window_valid": {0: windows}, "window_scatter": {0: patches},
-               "full_gather": {0: frames, 1: frame_len}}
-    with quiet_export():
-        program = torch.onnx.export(
-            graph, (), kwargs=example, dynamo=True, dynamic_shapes=dynamic, opset_version=18,
-            input_names=["pixel_values", *META_NAMES], output_names=["image_embeds"], optimize=True, verbose=False,
-            custom_translation_table={torch.ops.zoomin.frame_attention.default: _frame_attention_onnx})
-    program.save(str(path), external_data=True)
-    return path
-
-
-def decoder_feeds(cfg, rng, batch, new, past, keep, kv_dtype):
+def decoder_feeds(cfg, rng, batch, new, past, keep, kv_dtype, graph="gqa"):
     t = cfg.text
     feeds = {"inputs_embeds": (rng.standard_normal((batch, new, t.hidden_size)) * 0.05).astype(np.float32),
              "position_ids": np.tile(np.arange(past, past + new), (3, batch, 1)).astype(np.int64),
-             "attention_mask": np.ones((batch, past + new), np.int64), "logits_to_keep": np.array([keep], np.int64)}
+             "logits_to_keep": np.array([keep], np.int64),
+             **empty_cache_inputs(graph, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, batch, past + new)}
+    kv = (batch, t.num_key_value_heads, past, t.head_dim) if graph == "gqa" else \
+        (batch, past, t.num_key_value_heads, t.head_dim)
     for i in range(t.num_hidden_layers):
         for k in ("key", "value"):
-            feeds[f"past_{k}.{i}"] = (rng.standard_normal((batch, past, t.num_key_value_heads, t.head_dim))
-                                      * 0.5).astype(kv_dtype)
+            feeds[f"past_{k}.{i}"] = (rng.standard_normal(kv) * 0.5).astype(kv_dtype)
     return feeds
 
 
-@pytest.mark.parametrize("shape,precision", [("tiny", "fp32"), ("small", "fp16")])
-def test_stitched_decoder_equals_whole_model_export(request, hf_model_factory, tmp_path, shape, precision):
+# (batch, new, past, keep) per flavour; GroupQueryAttention takes a multi-token chunk after a past for batch 1 only
+DECODER_CASES = {"plain": ((1, 7, 0, 7), (2, 5, 3, 2), (1, 1, 9, 1)),
+                 "gqa": ((1, 7, 0, 7), (2, 5, 0, 2), (1, 4, 6, 4), (2, 1, 9, 1))}
+
+
+@pytest.mark.parametrize("shape,precision,graph", [("tiny", "fp32", "gqa"), ("small", "fp16", "gqa"),
+                                                   ("tiny", "fp32", "plain")])
+def test_stitched_decoder_equals_whole_model_export(request, hf_model_factory, tmp_path, shape, precision, graph):
     import onnxruntime as ort
 
     ckpt = request.getfixturevalue(f"{shape}_ckpt")
     model, cfg = hf_model_factory(ckpt), ModelConfig.from_checkpoint(ckpt)
-    whole = ort.InferenceSession(str(whole_decoder_export(model, tmp_path / "whole.onnx", precision)))
+    whole = ort.InferenceSession(str(whole_decoder_export(model, tmp_path / "whole.onnx", precision, graph)))
     # from the checkpoint's files, block by block (not the in-memory model): the build's own path
     stitched = ort.InferenceSession(str(export_decoder(CheckpointParts(ckpt), tmp_path / "stitched.onnx",
-                                                       precision=precision, opset=18)))
-    names = io_names(cfg.text.num_hidden_layers)[1]
+                                                       precision=precision, opset=18, graph=graph)))
+    names = io_names(cfg.text.num_hidden_layers, graph)[1]
     rng = np.random.default_rng(0)
-    for batch, new, past, keep in ((1, 7, 0, 7), (2, 5, 3, 2), (1, 1, 9, 1)):
-        feeds = decoder_feeds(cfg, rng, batch, new, past, keep, np.float16 if precision == "fp16" else np.float32)
+    for batch, new, past, keep in DECODER_CASES[graph]:
+        feeds = decoder_feeds(cfg, rng, batch, new, past, keep, np.float16 if precision == "fp16" else np.float32,
+                              graph)
         for name, a, b in zip(names, whole.run(names, feeds), stitched.run(names, feeds)):
             np.testing.assert_array_equal(a, b, err_msg=f"{name} (batch {batch}, new {new}, past {past})")
 
 
 @pytest.mark.parametrize("shape,precision", [("small", "fp16")])  # fp16: a block's dtype switch (fp32 down_proj)
-def test_stitched_vision_equals_whole_model_export(request, hf_model_factory, tmp_path, shape, precision):
+def test_vision_from_checkpoint_files_equals_in_memory_export(request, hf_model_factory, tmp_path, shape, precision):
+    """The stage graphs exported block by block from the safetensors equal those of the loaded transformers model
+    (the vision tower has no whole-graph form any more: the runtime chains its stages, tests/test_vision_export)."""
     ckpt = request.getfixturevalue(f"{shape}_ckpt")
     model, cfg = hf_model_factory(ckpt), ModelConfig.from_checkpoint(ckpt).vision
-    whole = VisionEncoder(whole_vision_export(model, tmp_path / "whole.onnx", precision), cfg)
-    path = export_vision(CheckpointParts(ckpt), tmp_path / "stitched.onnx", precision=precision)
+    whole = VisionEncoder(export_vision(model, tmp_path / "model", precision=precision), cfg)
+    path = export_vision(CheckpointParts(ckpt), tmp_path / "stitched", precision=precision)
     stitched = VisionEncoder(path, cfg)
     for grids in ([(1, 8, 10)], [(1, 12, 18), (1, 4, 4), (2, 8, 8)]):
         pixels = random_pixels(cfg, grids, seed=1)
         np.testing.assert_array_equal(whole.encode(pixels, np.array(grids)), stitched.encode(pixels, np.array(grids)))
-    # one piece per block in the stitched graph, initializers named as the whole export names them
-    names = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
-    assert {f"blocks.{i}.{w}.weight" for i in range(cfg.depth) for w in ("qkv", "down_proj")} <= names
+    # one piece per block (two per full-attention block) in the stages, initializers named after the pieces
+    names = {t.name for f in stage_files(path) for t in onnx.load(str(f), load_external_data=False).graph.initializer}
+    full = set(cfg.fullatt_block_indexes)
+    assert {f"blocks.{i}.{'q' if i in full else 'qkv'}.weight" for i in range(cfg.depth)} <= names
+    assert {f"blocks.{i}.down_proj.weight" for i in range(cfg.depth)} | {f"blocks.{i}.kv.k.weight" for i in full} <= names
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def streamed_int8(tiny_ckpt, tmp_path_factory):
 
     quant = QuantConfig("int8")
     layout = record(stand_in(PlaceholderVision(config.vision)), calib)
-    vision = quantize_vision(parts, root / "vision.onnx", layout.vision, quant, root / "scratch")
+    vision = quantize_vision(parts, root / "vision", layout.vision, quant, root / "scratch")
     rec = record(stand_in(ReplayVision(vision.features)), calib)
     quantize_decoder(parts, root / "decoder.onnx", rec, quant, root / "scratch")
     return {"rec": rec, "features": vision.features, "config": config}
@@ -264,7 +264,7 @@ def test_layer_parity_catches_a_wrong_layer(tiny_ckpt, tmp_path):
 def test_streamed_fp32_values_equal_the_fp32_graphs(streamed_int8, large_rule_builds):
     """The streamed pass's float32 image features and logits are the fp32 engine's own, call by call."""
     cfg, engine = streamed_int8["config"], large_rule_builds["fp32"].engine_dir
-    encoder = VisionEncoder(engine / "vision.onnx", cfg.vision)
+    encoder = VisionEncoder(engine / "vision", cfg.vision)
     for call in streamed_int8["features"]:
         want = encoder.encode(call.pixels, call.grid)
         np.testing.assert_allclose(call.embeds, want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -278,10 +278,12 @@ def test_stage_lines_report_time_and_peak_rss_and_engine_is_world_readable(large
     for result in large_rule_builds.values():
         root = result.engine_dir
         modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
-        assert stat.S_IMODE(root.stat().st_mode) == 0o755 and set(modes.values()) == {0o644}, modes
+        dirs = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}  # the vision stages'
+        assert stat.S_IMODE(root.stat().st_mode) == 0o755 and {modes.pop(d) for d in dirs} <= {0o755}, modes
+        assert set(modes.values()) == {0o644}, modes
         lines = engine_mod.summary_lines(result)
         stage_lines = lines[lines.index("stages (time, peak RSS):") + 1:]
-        assert len(stage_lines) == len(result.stage_seconds) == (7 if result.manifest.precision == "fp32" else 9)
+        assert len(stage_lines) == len(result.stage_seconds) == (7 if result.manifest.precision == "fp32" else 10)
         for line, (name, seconds) in zip(stage_lines, result.stage_seconds.items()):
             assert line.endswith(name) and " s " in line and "GiB" in line
             assert 0 < result.stage_peak_rss[name] < 4 * 2**30 and seconds >= 0

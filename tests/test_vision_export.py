@@ -1,4 +1,4 @@
-"""Vision encoder: host metadata vs transformers' own helpers, and the exported ONNX graph vs `model.visual`."""
+"""Vision encoder: the host plan vs transformers' own helpers, and the exported stage graphs vs `model.visual`."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from zoomin.build.export_vision import VisionGraph, example_inputs, export_vision, random_pixels, vision_parity
+from zoomin.build.export_vision import VisionGraph, export_vision, random_pixels, vision_parity
 from zoomin.runtime.config import VisionConfig, vision_config
-from zoomin.runtime.vision import VisionEncoder
+from zoomin.runtime.vision import STAGE_INPUTS, VisionEncoder, stage_files
 from zoomin.runtime.vision_meta import (
-    META_NAMES,
+    CHUNK_ROWS,
     VisionInputError,
-    frame_runs,
     rotary_tables,
-    vision_inputs,
-    window_groups,
+    vision_plan,
     window_index,
 )
 
@@ -30,8 +28,8 @@ MULTI = [[(1, 8, 10), (1, 16, 6)], [(1, 12, 18), (1, 4, 4), (2, 8, 8)]]
 META_GRIDS = [g for grids in GRIDS + MULTI for g in grids] + [(1, 2, 2), (3, 18, 34), (1, 32, 2)]
 
 FP32_MAX_REL = 1e-4
-# fp16 weights/matmuls against the fp32 reference: measured 3.5e-4 .. 4.2e-4 (max and norm) on both checkpoints;
-# ~5x headroom. (A random tower with the real 3B dimensions and 32 blocks measured 1.8e-3: depth adds error.)
+# fp16 weights/matmuls against the fp32 reference: measured 3.8e-4 .. 4.8e-4 (max and norm) on both checkpoints;
+# ~4x headroom. (A random tower with the real 3B dimensions and 32 blocks measured 1.8e-3: depth adds error.)
 FP16_MAX_REL = 2e-3
 
 
@@ -41,26 +39,26 @@ def cfg_of(model) -> VisionConfig:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, request, hf_model_factory):
-    """(model, onnx path) per (checkpoint, precision), exported once for this module."""
+    """(model, vision directory) per (checkpoint, precision), exported once for this module."""
     cache = {}
 
     def get(ckpt_name: str, precision: str):
         key = (ckpt_name, precision)
         if key not in cache:
             model = hf_model_factory(request.getfixturevalue(f"{ckpt_name}_ckpt"))
-            path = tmp_path_factory.mktemp(f"vision_{ckpt_name}_{precision}") / "vision.onnx"
+            path = tmp_path_factory.mktemp(f"vision_{ckpt_name}_{precision}") / "vision"
             t0 = time.perf_counter()
             export_vision(model, path, precision=precision)
-            data = path.with_name("vision.onnx.data").stat().st_size
-            print(f"\nexport {ckpt_name} {precision}: {time.perf_counter() - t0:.1f} s, "
-                  f"{path.stat().st_size / 1e3:.0f} kB graph + {data / 1e6:.2f} MB weights")
+            data = sum(p.stat().st_size for p in path.glob("*.data"))
+            print(f"\nexport {ckpt_name} {precision}: {time.perf_counter() - t0:.1f} s, {len(stage_files(path))} "
+                  f"stages, {data / 1e6:.2f} MB weights")
             cache[key] = model, path
         return cache[key]
 
     return get
 
 
-# --- host metadata against transformers' own helpers ------------------------------------------------------------
+# --- host plan against transformers' own helpers ----------------------------------------------------------------
 
 @pytest.mark.parametrize("grid", META_GRIDS, ids=str)
 def test_window_index_matches_transformers(grid, tiny_ckpt, hf_model_factory):
@@ -94,54 +92,46 @@ def test_rotary_tables_match_transformers(ckpt_name, request, hf_model_factory):
     np.testing.assert_allclose(sin, ref_sin.numpy(), rtol=0, atol=1e-6)
 
 
-def test_groups_are_transformers_windows_and_frames(tiny_ckpt, hf_model_factory):
-    """Window groups hold exactly transformers' window segments, in its order; frame groups its cu_seqlens."""
+@pytest.mark.parametrize("chunk_rows", [1, 100, CHUNK_ROWS], ids=lambda c: f"chunk{c}")
+def test_plan_chunks_are_transformers_windows_and_frames(chunk_rows, tiny_ckpt, hf_model_factory):
+    """Every chunk is whole transformers windows of one length, rows in its window order; a frame's chunks cover
+    exactly its cu_seqlens segment; chunks stay within chunk_rows unless one window is larger."""
     cfg = cfg_of(hf_model_factory(tiny_ckpt))
     grid = np.array(META_GRIDS)
-    n = int(grid.prod(axis=1).sum())
     unit = cfg.spatial_merge_size**2
     ref_index, ref_cu = get_vision_window_index(torch.from_numpy(grid), cfg.spatial_merge_size, cfg.window_size,
                                                 cfg.patch_size)
-    # transformers' window-ordered patch sequence, cut into its cu_window_seqlens segments
     patch_order = (ref_index.numpy()[:, None] * unit + np.arange(unit)).ravel()
-    segments = np.split(patch_order, ref_cu.numpy()[1:-1])
+    windows = {tuple(s) for s in np.split(patch_order, ref_cu.numpy()[1:-1])}
     frame_cu = get_vision_cu_seqlens(torch.from_numpy(grid)).numpy()
-    frames = [np.arange(a, b) for a, b in zip(frame_cu[:-1], frame_cu[1:])]
-    # windows may be padded: one call can hold images of any size
-    gather, valid, scatter = window_groups(grid, cfg)
-    assert gather.dtype == scatter.dtype == np.int64 and valid.dtype == np.bool_
-    assert len(gather) == len(segments) and valid.any(axis=1).all()
-    for row, ok, seg in zip(gather, valid, segments):
-        np.testing.assert_array_equal(row[ok], seg)  # same rows in the same order; padding masked
-    assert scatter.shape == (n,)
-    np.testing.assert_array_equal(gather.ravel()[scatter], np.arange(n))  # scatter inverts gather
-    assert gather.shape[1] == (cfg.window_size // cfg.patch_size) ** 2
-    # frames are never padded: each call holds one run of equally sized images, whose frames are its rows
-    rows = np.concatenate([[0], np.cumsum(grid.prod(axis=1))])
-    got = []
-    for a, b in frame_runs(grid):
-        assert len({int(h * w) for _, h, w in grid[a:b]}) == 1
-        got += list(vision_inputs(grid[a:b], cfg)["full_gather"] + rows[a])
-    assert len(got) == len(frames)
-    for row, frame in zip(got, frames):
-        np.testing.assert_array_equal(row, frame)
-
-
-def test_unequal_frames_in_one_call_are_refused(tiny_ckpt, hf_model_factory):
-    cfg = cfg_of(hf_model_factory(tiny_ckpt))
-    with pytest.raises(VisionInputError, match="equal h\\*w"):
-        vision_inputs(np.array([(1, 8, 10), (1, 16, 6)]), cfg)
-    assert frame_runs(np.array([(1, 8, 10), (1, 8, 10), (1, 16, 6), (1, 8, 10)])) == [(0, 2), (2, 3), (3, 4)]
+    frames = vision_plan(grid, cfg, chunk_rows)
+    assert len(frames) == len(frame_cu) - 1
+    seen = []
+    for frame, start, end in zip(frames, frame_cu[:-1], frame_cu[1:]):
+        assert frame.length == end - start
+        rows = np.concatenate([c.patches for c in frame.chunks])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(start, end))  # each patch of the frame once
+        offset = 0
+        for chunk in frame.chunks:
+            assert chunk.rows == slice(offset, offset + len(chunk.patches))
+            offset += len(chunk.patches)
+            assert chunk.windows * chunk.window_len == len(chunk.patches) and chunk.window_len % unit == 0
+            assert len(chunk.patches) <= chunk_rows or chunk.windows == 1
+            for w in chunk.window_rows():
+                seen.append(tuple(w))
+            np.testing.assert_array_equal(chunk.units, chunk.patches[::unit] // unit)
+            assert (chunk.patches.reshape(-1, unit) == chunk.units[:, None] * unit + np.arange(unit)).all()
+    assert len(seen) == len(windows) and set(seen) == windows
 
 
 @pytest.mark.parametrize("bad", [np.zeros((0, 3), int), np.array([[1, 3, 4]]), np.array([[1, 4, 0]]),
                                  np.array([[0, 4, 4]]), np.array([1, 4, 4]), np.array([[1.0, 4, 4]])], ids=str)
 def test_bad_grid_is_a_clear_error(bad, tiny_ckpt, hf_model_factory):
     with pytest.raises(VisionInputError, match="grid_thw"):
-        vision_inputs(bad, cfg_of(hf_model_factory(tiny_ckpt)))
+        vision_plan(bad, cfg_of(hf_model_factory(tiny_ckpt)))
 
 
-# --- exported graph against transformers --------------------------------------------------------------------------
+# --- exported graphs against transformers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ckpt_name", ["tiny", "small"])
 @pytest.mark.parametrize("grids", GRIDS + MULTI, ids=str)
@@ -163,6 +153,19 @@ def test_fp16_graph_matches_transformers(grids, ckpt_name, exported):
     assert parity.norm_rel_err <= FP16_MAX_REL
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 40], ids=lambda c: f"chunk{c}")
+def test_small_chunks_match_transformers(chunk_rows, exported):
+    """Many chunks per frame (one window per call at chunk 1): full-attention blocks attend over K/V gathered from
+    every chunk of the frame, and the merged rows come back in the processor's order."""
+    model, path = exported("small", "fp32")
+    cfg = cfg_of(model)
+    grids = MULTI[1]
+    encoder = VisionEncoder(path, cfg, chunk_rows=chunk_rows)
+    assert max(len(f.chunks) for f in vision_plan(np.array(grids), cfg, chunk_rows)) >= 4
+    parity = vision_parity(model, path, grids, encoder=encoder)
+    assert parity.max_rel_err <= FP32_MAX_REL and parity.norm_rel_err <= FP32_MAX_REL
+
+
 def test_multi_image_call_equals_separate_calls(exported):
     model, path = exported("tiny", "fp32")
     cfg, grids = cfg_of(model), MULTI[1]
@@ -177,21 +180,38 @@ def test_multi_image_call_equals_separate_calls(exported):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_graph_layout(precision, exported):
-    """Named I/O with explicit dtypes and dynamic dims; weights external; fp16 keeps the last down_proj in fp32."""
+    """Stages: runs of blocks between full-attention blocks' keys/values, named I/O with explicit dtypes and
+    dynamic rows; every attention is MultiHeadAttention without mask on 3-D keys (one head per node in the
+    full-attention blocks); weights external; fp16 keeps the last down_proj in fp32."""
     model, path = exported("tiny", precision)
     cfg = cfg_of(model)
-    proto = onnx.load(str(path), load_external_data=False)
-    types = {v.name: v.type.tensor_type for v in [*proto.graph.input, *proto.graph.output]}
     T = onnx.TensorProto
-    expected = {"pixel_values": T.FLOAT, "rotary_cos": T.FLOAT, "rotary_sin": T.FLOAT, "window_valid": T.BOOL,
-                "window_gather": T.INT64, "window_scatter": T.INT64, "full_gather": T.INT64,
-                "image_embeds": T.FLOAT}
-    assert [i.name for i in proto.graph.input] == ["pixel_values", *META_NAMES]
-    assert {k: t.elem_type for k, t in types.items()} == expected
-    assert types["pixel_values"].shape.dim[0].dim_param and types["image_embeds"].shape.dim[0].dim_param
-    assert types["image_embeds"].shape.dim[1].dim_value == cfg.out_hidden_size
-    weights = {t.name: t for t in proto.graph.initializer if t.data_location == T.EXTERNAL}
-    assert path.with_name(path.name + ".data").stat().st_size > 0 and weights
+    files = stage_files(path)
+    assert len(files) == 2 * len(cfg.fullatt_block_indexes) + 1  # tiny: full attention in blocks 1 and 3
+    weights, mha, kv_stages = {}, [], 0
+    for k, f in enumerate(files):
+        proto = onnx.load(str(f), load_external_data=False)
+        inputs = {v.name: v.type.tensor_type for v in proto.graph.input}
+        outputs = {v.name: v.type.tensor_type for v in proto.graph.output}
+        heads = [n for n in inputs if n.startswith(("key.", "value."))]
+        assert set(inputs) - set(heads) <= STAGE_INPUTS and len(heads) in (0, 2 * cfg.num_heads)
+        assert all(inputs[n].elem_type == T.FLOAT and len(inputs[n].shape.dim) == 3 for n in heads)
+        assert ("pixel_values" in inputs) == (k == 0) and ("image_embeds" in outputs) == (k == len(files) - 1)
+        if "key_out" in outputs:
+            kv_stages += 1
+            assert set(outputs) == {"key_out", "value_out"} and set(inputs) == {"hidden", "rotary_cos", "rotary_sin"}
+        rows = (inputs.get("pixel_values") or inputs["hidden"]).shape.dim[0]
+        assert rows.dim_param and inputs.get("rotary_cos", inputs.get("hidden")).elem_type in (T.FLOAT, T.FLOAT16)
+        if "image_embeds" in outputs:
+            assert outputs["image_embeds"].elem_type == T.FLOAT
+            assert outputs["image_embeds"].shape.dim[1].dim_value == cfg.out_hidden_size
+        mha += [n for n in proto.graph.node if n.op_type == "MultiHeadAttention"]
+        weights.update({t.name: t for t in proto.graph.initializer if t.data_location == T.EXTERNAL})
+        assert f.with_name(f.name + ".data").stat().st_size > 0
+    assert kv_stages == len(cfg.fullatt_block_indexes)
+    windowed = cfg.depth - len(cfg.fullatt_block_indexes)
+    assert len(mha) == windowed + cfg.num_heads * len(cfg.fullatt_block_indexes)
+    assert all(n.domain == "com.microsoft" and len(n.input) == 3 for n in mha)
     dtypes = {n: t.data_type for n, t in weights.items() if n.endswith("weight") and "norm" not in n}
     last_down = f"blocks.{cfg.depth - 1}.down_proj.weight"
     if precision == "fp32":
@@ -202,18 +222,19 @@ def test_graph_layout(precision, exported):
 
 
 def test_fp32_down_proj_escape_hatch_mid_tower(small_ckpt, hf_model_factory):
-    """An fp32 down_proj before the last block leaves an fp32 residual that later fp16 blocks must take."""
+    """An fp32 down_proj before the last block leaves an fp32 residual that later fp16 blocks must take (the
+    torch pieces, run by the runtime's scheduler)."""
     model = hf_model_factory(small_ckpt)
     cfg = cfg_of(model)
-    grids = [(1, 8, 10), (1, 8, 10)]  # one graph call holds equally sized frames
-    feeds = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, grids).items()}
+    grids = np.array([(1, 8, 10), (1, 16, 6)])
+    pixels = random_pixels(cfg, grids)
     with torch.no_grad():
-        ref = model.model.visual(feeds["pixel_values"], grid_thw=torch.tensor(grids)).pooler_output
-        fp32 = VisionGraph(model.model.visual, cfg)(**feeds)
-        mixed = VisionGraph(model.model.visual, cfg, torch.float16, fp32_down_proj=(1,))(**feeds)
-    assert mixed.dtype == torch.float32
-    assert (fp32 - ref).abs().max() <= FP32_MAX_REL * ref.abs().max()
-    assert (mixed - ref).abs().max() <= FP16_MAX_REL * ref.abs().max()
+        ref = model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids)).pooler_output.numpy()
+    fp32 = VisionGraph(model).encode(pixels, grids)
+    mixed = VisionGraph(model, torch.float16, fp32_down_proj=(1,)).encode(pixels, grids)
+    assert mixed.dtype == np.float32
+    assert np.abs(fp32 - ref).max() <= FP32_MAX_REL * np.abs(ref).max()
+    assert np.abs(mixed - ref).max() <= FP16_MAX_REL * np.abs(ref).max()
 
 
 def test_encoder_rejects_bad_input(exported):
@@ -227,5 +248,7 @@ def test_encoder_rejects_bad_input(exported):
         encoder.encode(pixels.astype(np.int32), np.array([[1, 4, 4]]))
     with pytest.raises(VisionInputError, match="multiples"):
         encoder.encode(pixels, np.array([[1, 2, 8], [1, 1, 2]]))
-    with pytest.raises(FileNotFoundError, match="vision graph not found"):
-        VisionEncoder(path.with_name("missing.onnx"), cfg)
+    with pytest.raises(FileNotFoundError, match="vision graph directory not found"):
+        VisionEncoder(path.with_name("missing"), cfg)
+    with pytest.raises(FileNotFoundError, match="no vision stage graphs"):
+        VisionEncoder(path.parent, cfg)

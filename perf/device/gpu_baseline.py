@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from zoomin.build.export_decoder import TextDecoder  # noqa: E402
-from zoomin.build.export_vision import VisionGraph, example_inputs  # noqa: E402
+from zoomin.build.export_vision import VisionGraph, random_pixels  # noqa: E402
 from zoomin.build.random_checkpoint import SHAPES, make_config, preprocessor_config  # noqa: E402
 from zoomin.build.tokenizer_gen import save_tokenizer  # noqa: E402
 from zoomin.hf_backend import HfLM  # noqa: E402
@@ -101,8 +101,9 @@ def export_numerics(model, device: str) -> dict:
                          device=device)] * tcfg.num_hidden_layers
     keep = torch.tensor([64], device=device)
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        dec = TextDecoder(model, dtype).to(device).eval()
-        logits = dec(embeds, position_ids, mask, keep, [e.to(dtype) for e in empty], [e.to(dtype) for e in empty])[0]
+        dec = TextDecoder(model, dtype, graph="plain").to(device).eval()  # sequence-major past, additive mask
+        logits = dec(embeds, position_ids, (mask,), keep, [e.to(dtype) for e in empty],
+                     [e.to(dtype) for e in empty])[0]
         out[f"decoder_{name}_max_rel_err"] = rel(logits[0], ref)
         out[f"decoder_{name}_top1_agree"] = float((logits[0].argmax(-1) == ref.argmax(-1)).float().mean())
         out[f"decoder_{name}_finite"] = bool(torch.isfinite(logits).all())
@@ -113,13 +114,13 @@ def export_numerics(model, device: str) -> dict:
 
     vcfg = vision_config({"vision_config": vcfg_dict})
     grid = [(1, 36, 36)]
-    feeds = {k: torch.from_numpy(v).to(device) for k, v in example_inputs(vcfg, grid).items()}
-    ref_v = model.model.get_image_features(feeds["pixel_values"], torch.tensor(grid, device=device))
+    pixels = random_pixels(vcfg, grid)
+    ref_v = model.model.get_image_features(torch.from_numpy(pixels).to(device), torch.tensor(grid, device=device))
     ref_v = ref_v.pooler_output if hasattr(ref_v, "pooler_output") else ref_v
     ref_v = torch.cat(list(ref_v)) if isinstance(ref_v, (list, tuple)) else ref_v
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        vg = VisionGraph(model.model.visual, vcfg, dtype, (vcfg.depth - 1,) if name == "fp16" else ()).to(device)
-        got = vg(**feeds)
+        vg = VisionGraph(model, dtype, (vcfg.depth - 1,) if name == "fp16" else ()).to(device)
+        got = torch.from_numpy(vg.encode(pixels, grid)).to(device)
         out[f"vision_{name}_max_rel_err"] = rel(got, ref_v)
         out[f"vision_{name}_finite"] = bool(torch.isfinite(got).all())
         del vg

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from ..runtime.decoder import empty_cache_inputs
 from ..runtime.image_io import IMAGE_SUFFIXES
 from ..runtime.image_io import ImageError, load_image
 from ..runtime.manifest import sha256_file
-from ..runtime.vision_meta import graph_feeds
 from .checkpoint import BuildError
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "calibration"
@@ -158,6 +158,7 @@ class DecoderCall:
     past: int  # cache rows before the call
     keep: int  # logits_to_keep
     logits: np.ndarray  # (keep, vocab) float32 from the fp32 graph
+    ids: np.ndarray | None = None  # (S,) the token ids whose table rows `embeds` holds (image pads: features)
 
 
 @dataclass
@@ -179,20 +180,34 @@ class Recording:
         return max(c.past + len(c.embeds) for c in self.decoder)
 
 
-class _DecoderTap:
-    """Stands in for the engine's Decoder: forwards every call and records inputs and logits."""
+class _TableTap:
+    """Stands in for the engine's embedding table: remembers the ids of the last lookup (the next decoder call's)."""
 
-    def __init__(self, inner, calls: list[DecoderCall]):
-        self.inner, self.calls = inner, calls
+    def __init__(self, inner):
+        self.inner, self.last = inner, None
+
+    def lookup(self, ids):
+        self.last = np.array(ids, np.int64)
+        return self.inner.lookup(ids)
+
+
+class _DecoderTap:
+    """Stands in for the engine's Decoder: forwards every call and records inputs, token ids and logits."""
+
+    def __init__(self, inner, calls: list[DecoderCall], table: _TableTap):
+        self.inner, self.calls, self.table = inner, calls, table
 
     def new_cache(self, *args, **kwargs):
         return self.inner.new_cache(*args, **kwargs)
 
     def forward(self, embeds, positions, cache, logits_to_keep: int = 1):
         past = cache.length
+        ids, self.table.last = self.table.last, None
+        if ids is None or len(ids) != len(embeds):
+            raise ValueError("a decoder call's embeddings do not come from the table lookup just before it")
         logits = self.inner.forward(embeds, positions, cache, logits_to_keep)
         self.calls.append(DecoderCall(np.array(embeds, np.float32), np.array(positions, np.int64), past,
-                                      logits_to_keep, np.array(logits, np.float32)))
+                                      logits_to_keep, np.array(logits, np.float32), ids))
         return logits
 
 
@@ -271,6 +286,7 @@ def stand_in_engine(config, protocol, tokenizer_json: Path, embed_tokens: Path, 
     """An Engine for `record` with no graph: `vision` (PlaceholderVision / ReplayVision) and a ScriptedDecoder;
     token embeddings are gathered from the fp32 table `embed_tokens` like the runtime does."""
     from ..runtime.chat import ChatFormat, ChatTokenizer
+    from ..runtime.embedding import DenseTable
     from ..runtime.engine import Engine
     from ..runtime.manifest import Manifest
 
@@ -278,7 +294,7 @@ def stand_in_engine(config, protocol, tokenizer_json: Path, embed_tokens: Path, 
     script = [*scripted_answer(protocol, chat.tokenizer), config.tokens.im_end]
     manifest = Manifest(precision="fp32", config=config, files={}, graphs={}, provenance={})
     return Engine(Path(embed_tokens).parent, manifest, protocol, chat, vision,
-                  ScriptedDecoder(config.text.vocab_size, script), np.load(embed_tokens, mmap_mode="r"), "cpu")
+                  ScriptedDecoder(config.text.vocab_size, script), DenseTable.load(embed_tokens), "cpu")
 
 
 def record(engine, calib: CalibrationSet, *, max_new_tokens: int = CALIB_NEW_TOKENS,
@@ -296,8 +312,9 @@ def record(engine, calib: CalibrationSet, *, max_new_tokens: int = CALIB_NEW_TOK
     rec = Recording()
     if not isinstance(engine, Engine):
         engine = Engine.load(engine, threads=threads)
-    engine = replace(engine, decoder=_DecoderTap(engine.decoder, rec.decoder),
-                     vision=_VisionTap(engine.vision, rec.vision))
+    table = _TableTap(engine.embed_tokens)
+    engine = replace(engine, decoder=_DecoderTap(engine.decoder, rec.decoder, table),
+                     vision=_VisionTap(engine.vision, rec.vision), embed_tokens=table)
     # one decoder call per prefill (no chunking): conversation_feed reads query 2's prefill as a single call
     zoom = ZoomIn(OnnxLM(engine, reuse=False, prefill_limit=1 << 30), engine.chat, engine.config, engine.protocol,
                   vocab_size=engine.config.text.vocab_size)
@@ -329,22 +346,38 @@ def conversation_feed(calls: Sequence[DecoderCall]) -> tuple[np.ndarray, np.ndar
     return (np.concatenate([c.embeds for c in seq]), np.concatenate([c.positions for c in seq], axis=1), keep)
 
 
-def decoder_feeds(rec: Recording, num_layers: int, kv_heads: int, head_dim: int) -> list[dict[str, np.ndarray]]:
-    """One ONNX feed per conversation for the decoder graph (empty past)."""
-    empty = np.zeros((1, 0, kv_heads, head_dim), np.float32)
+def decoder_feeds(rec: Recording, num_layers: int, kv_heads: int, head_dim: int, graph: str = "gqa"
+                  ) -> list[dict[str, np.ndarray]]:
+    """One ONNX feed per conversation for the decoder graph of flavour `graph` (empty past)."""
     feeds = []
     for start, end in rec.conversations:
         embeds, positions, keep = conversation_feed(rec.decoder[start:end])
         feed = {"inputs_embeds": embeds[None], "position_ids": positions[:, None],
-                "attention_mask": np.ones((1, len(embeds)), np.int64), "logits_to_keep": np.array([keep], np.int64)}
-        feed.update({f"past_{kind}.{i}": empty for kind in ("key", "value") for i in range(num_layers)})
+                "logits_to_keep": np.array([keep], np.int64)}
+        feed.update(empty_cache_inputs(graph, num_layers, kv_heads, head_dim, 1, len(embeds)))
         feeds.append(feed)
     return feeds
 
 
-def vision_feeds(rec: Recording, vision_cfg) -> list[dict[str, np.ndarray]]:
-    """The ONNX feeds of every recorded vision call (full images and each query's crops)."""
-    return [feed for c in rec.vision for feed in graph_feeds(c.pixels, c.grid, vision_cfg)]
+def vision_feeds(rec: Recording, vision_dir: Path, vision_cfg) -> list[list[dict[str, np.ndarray]]]:
+    """Per stage graph of the fp32 vision directory `vision_dir`, the feeds of its every call on the recorded
+    vision calls (full images and each query's crops), as the runtime's scheduler makes them."""
+    from ..runtime.vision import VisionEncoder, run_tower
+
+    encoder = VisionEncoder(vision_dir, vision_cfg)
+    feeds: list[list[dict[str, np.ndarray]]] = [[] for _ in encoder.stages]
+
+    def tap(k, stage):
+        def run(feed):
+            feeds[k].append({n: np.array(feed[n]) for n in stage.inputs})
+            return stage(feed)
+        run.inputs, run.outputs = stage.inputs, stage.outputs
+        return run
+
+    stages = [tap(k, s) for k, s in enumerate(encoder.stages)]
+    for call in rec.vision:
+        run_tower(stages, call.pixels, call.grid, vision_cfg)
+    return feeds
 
 
 class FeedReader(CalibrationDataReader):

@@ -14,8 +14,9 @@ fp16: half the size; CUDA/TensorRT native, runs on CPU too (slower).
 
 int8: dynamic int8 MatMuls (int8 per-channel weights, activations quantized at run time); ORT CPU and CUDA.
 
-int4: 4-bit block-wise decoder weights (MatMulNBits; GPTQ on the calibration set by default), 8-bit lm_head,
-int8 vision; ORT CPU and CUDA (com.microsoft MatMulNBits), not TensorRT.
+int4: 4-bit block-wise decoder weights (MatMulNBits; GPTQ on the calibration set by default), 4-bit lm_head
+(with tied embeddings the token table is the lm_head's own codes, stored once), int8 vision; ORT CPU and CUDA
+(com.microsoft MatMulNBits), not TensorRT.
 
 fp8: QDQ float8 e4m3 graphs (per-channel weights, calibrated activation scales), opset 19; for TensorRT >= 10
 on FP8 GPUs (Ada, Hopper, Blackwell); ORT CPU runs it slowly (how its accuracy is checked).
@@ -43,8 +44,12 @@ int8/int4/fp8 calibrate on --calib-images through the ZoomIn protocol and write 
 @click.option("--int4-algo", type=click.Choice(["gptq", "hqq", "rtn"]), default=None,
               help="int4: gptq (uses the calibration activations), hqq (data-free) or rtn (round to nearest) "
                    "[default: gptq].")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="int4: bits of the lm_head (and of a tied embedding table, which shares its codes); 8 moves the "
+                   "logits less for 1.8x the head's bytes [default: 4].")
 def main(model: str, precision: str, out: Path | None, force: bool, protocol: Path | None, no_parity: bool,
-         calib_images: Path | None, calib_size: int | None, block_size: str | None, int4_algo: str | None) -> None:
+         calib_images: Path | None, calib_size: int | None, block_size: str | None, int4_algo: str | None,
+         lm_head_bits: str | None) -> None:
     """Export a Qwen2.5-VL checkpoint to a zoomin engine directory (vision encoder, embedding, KV-cache decoder)."""
     import json
 
@@ -57,11 +62,12 @@ def main(model: str, precision: str, out: Path | None, force: bool, protocol: Pa
     precision = precision.lower()
     if precision in ("fp32", "fp16") and (calib_images or calib_size is not None):
         raise click.UsageError("--calib-images/--calib-size apply to the quantized precisions int8, int4, fp8")
-    if precision != "int4" and (block_size or int4_algo):
-        raise click.UsageError("--block-size/--int4-algo apply to --precision int4")
+    if precision != "int4" and (block_size or int4_algo or lm_head_bits):
+        raise click.UsageError("--block-size/--int4-algo/--lm-head-bits apply to --precision int4")
     opts = BuildOptions(model=Path(model), out=out, precision=precision, force=force, protocol=protocol,
                         check_parity=not no_parity, calib_images=calib_images, calib_size=calib_size,
-                        block_size=int(block_size or 32), int4_algo=int4_algo or "gptq")
+                        block_size=int(block_size or 32), int4_algo=int4_algo or "gptq",
+                        lm_head_bits=int(lm_head_bits or 4))
     try:
         result = build_engine(opts, log=lambda s: click.echo(s, err=True))
     except BuildError as e:

@@ -10,6 +10,9 @@ quantized vision graph. Figures:
   step: the rows deployment samples from), mean and max; top-1 agreement; relative logit error
   max|dl| / max|l_fp32| per row, mean and max;
 - vision: relative embedding error ||de|| / ||e_fp32|| per call, mean and max;
+- token embedding table: with the engine's (quantized) table given, the replay feeds its rows in place of the
+  recorded fp32 ones (image-feature rows stay), so the table's error counts in the logit figures too; its own
+  relative row error ||de|| / ||e_fp32|| over the rows looked up, mean and max;
 - sizes: bytes per engine component and the compression ratio against the fp32 graphs.
 """
 
@@ -25,14 +28,15 @@ import numpy as np
 
 from ..runtime.config import ModelConfig
 from ..runtime.decoder import Decoder
+from ..runtime.embedding import EmbeddingTable
 from ..runtime.vision import VisionEncoder
-from .calibration import Recording
+from .calibration import DecoderCall, Recording
 
 DRIFT_FILE = "drift.json"
 
-# Files of each engine component whose bytes the size report adds up.
-COMPONENTS = {"vision": ("vision.onnx", "vision.onnx.data"), "decoder": ("decoder.onnx", "decoder.onnx.data"),
-              "embed_tokens": ("embed_tokens.npy",)}
+# Files (or directories: all their files) of each engine component whose bytes the size report adds up.
+COMPONENTS = {"vision": ("vision",), "decoder": ("decoder.onnx", "decoder.onnx.data"),
+              "embed_tokens": ("embed_tokens.npy", "embed_tokens.onnx", "embed_tokens.onnx.data")}
 
 
 @dataclass
@@ -54,6 +58,8 @@ class DriftReport:
     vision_rel_err_mean: float
     vision_rel_err_max: float
     vision_calls: int
+    embed_rel_err_mean: float  # 0 when the replay used the recorded fp32 rows (no table given)
+    embed_rel_err_max: float
     sizes: dict[str, int]  # component -> bytes in the quantized engine
     reference_sizes: dict[str, int]  # component -> bytes of the fp32 graphs
     calibration: dict = field(default_factory=dict)
@@ -79,7 +85,7 @@ class DriftReport:
         d = self.decoder
         return {"drift_kl_mean": d.kl_mean, "drift_kl_max": d.kl_max, "drift_top1_agreement": d.top1_agreement,
                 "drift_logit_rel_err_max": d.logit_rel_err_max, "drift_vision_rel_err_max": self.vision_rel_err_max,
-                "compression": self.compression}
+                "drift_embed_rel_err_max": self.embed_rel_err_max, "compression": self.compression}
 
 
 def format_report(d: dict) -> list[str]:
@@ -93,9 +99,12 @@ def format_report(d: dict) -> list[str]:
                      f"max {g['logit_rel_err_max']:.3g}")
     lines.append(f"  vision   {d['vision_calls']:4d} calls rel embedding err mean {d['vision_rel_err_mean']:.3g} "
                  f"max {d['vision_rel_err_max']:.3g}")
+    lines.append(f"  table    token rows rel embedding err mean {d['embed_rel_err_mean']:.3g} "
+                 f"max {d['embed_rel_err_max']:.3g}")
     for comp, size in d["sizes"].items():
         ref = d["reference_sizes"][comp]
-        lines.append(f"  {comp:<13} {size / 2**20:9.2f} MiB  (fp32 {ref / 2**20:.2f} MiB, x{ref / size:.2f})  "
+        ratio = f"x{ref / size:.2f}" if size >= 0.01 * ref else "its bytes counted elsewhere"  # a shared table
+        lines.append(f"  {comp:<13} {size / 2**20:9.2f} MiB  (fp32 {ref / 2**20:.2f} MiB, {ratio})  "
                      f"{d['methods'].get(comp, '')}")
     lines.append(f"  total compression x{d['compression']:.2f}")
     return lines
@@ -103,8 +112,13 @@ def format_report(d: dict) -> list[str]:
 
 def component_sizes(engine_dir: Path) -> dict[str, int]:
     root = Path(engine_dir)
-    return {comp: sum((root / f).stat().st_size for f in files if (root / f).exists())
-            for comp, files in COMPONENTS.items()}
+
+    def size(path: Path) -> int:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size if path.exists() else 0
+
+    return {comp: sum(size(root / f) for f in files) for comp, files in COMPONENTS.items()}
 
 
 def logit_drift(ref: np.ndarray, got: np.ndarray) -> LogitDrift:
@@ -122,29 +136,49 @@ def logit_drift(ref: np.ndarray, got: np.ndarray) -> LogitDrift:
                       float((ref.argmax(-1) == got.argmax(-1)).mean()), float(rel.mean()), float(rel.max()))
 
 
-def replay_decoder(rec: Recording, decoder: Decoder) -> list[np.ndarray]:
-    """The recorded decoder calls run again, in order, on `decoder` and its own cache; logits per call."""
+def table_embeds(call: DecoderCall, table: EmbeddingTable, image_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The call's embeddings with `table`'s rows for its tokens (image-feature rows kept); and the relative error
+    of each of those rows against the recorded fp32 ones."""
+    if call.ids is None:
+        raise ValueError("the recording has no token ids: record it with zoomin.build.calibration.record")
+    text = call.ids != image_pad
+    embeds = call.embeds.copy()
+    embeds[text] = table.lookup(call.ids[text])
+    ref = call.embeds[text]
+    err = np.linalg.norm(embeds[text] - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)
+    return embeds, err
+
+
+def replay_decoder(rec: Recording, decoder: Decoder, table: EmbeddingTable | None = None, image_pad: int = -1
+                   ) -> list[np.ndarray]:
+    """The recorded decoder calls run again, in order, on `decoder` and its own cache, with `table`'s token rows
+    when given (`table_embeds`); logits per call."""
     cache = decoder.new_cache(rec.max_cache)
     out = []
     for call in rec.decoder:
+        embeds = call.embeds if table is None else table_embeds(call, table, image_pad)[0]
         cache.truncate(call.past)
-        out.append(decoder.forward(call.embeds, call.positions, cache, call.keep).copy())
+        out.append(decoder.forward(embeds, call.positions, cache, call.keep).copy())
     return out
 
 
 def measure_drift(rec: Recording, engine_dir: Path, reference: Path | Mapping[str, int], config: ModelConfig,
-                  precision: str) -> DriftReport:
-    """Replay the fp32 recording on the graphs in `engine_dir`; sizes against the fp32 graphs in `reference` (a
-    directory, or their bytes per component when the fp32 graphs were never written whole)."""
+                  precision: str, table: EmbeddingTable | None = None) -> DriftReport:
+    """Replay the fp32 recording on the graphs in `engine_dir` (and on the engine's embedding `table`, when
+    given); sizes against the fp32 graphs in `reference` (a directory, or their bytes per component when the fp32
+    graphs were never written whole)."""
     t0 = time.perf_counter()
     engine_dir = Path(engine_dir)
     decoder = Decoder.load(engine_dir / "decoder.onnx", config.text)
-    got = replay_decoder(rec, decoder)
+    pad = config.tokens.image_pad
+    got = replay_decoder(rec, decoder, table, pad)
+    embed_err = np.concatenate([table_embeds(c, table, pad)[1] for c in rec.decoder]) if table is not None \
+        else np.zeros(0)
     ref = [c.logits for c in rec.decoder]
     is_prefill = np.concatenate([[len(c.embeds) > 1] * c.keep for c in rec.decoder])
     ref_rows, got_rows = np.concatenate(ref), np.concatenate(got)
 
-    encoder = VisionEncoder(engine_dir / "vision.onnx", config.vision)
+    encoder = VisionEncoder(engine_dir / "vision", config.vision)
     vis = [float(np.linalg.norm(encoder.encode(c.pixels, c.grid) - c.embeds) / np.linalg.norm(c.embeds))
            for c in rec.vision]
     return DriftReport(
@@ -155,6 +189,8 @@ def measure_drift(rec: Recording, engine_dir: Path, reference: Path | Mapping[st
         vision_rel_err_mean=float(np.mean(vis)) if vis else 0.0,
         vision_rel_err_max=float(np.max(vis)) if vis else 0.0,
         vision_calls=len(vis),
+        embed_rel_err_mean=float(embed_err.mean()) if len(embed_err) else 0.0,
+        embed_rel_err_max=float(embed_err.max(initial=0.0)),
         sizes=component_sizes(engine_dir),
         reference_sizes=dict(reference) if isinstance(reference, Mapping) else component_sizes(reference),
         seconds=time.perf_counter() - t0,

@@ -23,16 +23,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 
 from ..runtime.config import ModelConfig
+from ..runtime.embedding import load_table
 from ..runtime.manifest import Manifest
 from ..runtime.protocol import Protocol
 from .chat_check import write_chat_format
 from .checkpoint import BuildError, load_checkpoint, validate_checkpoint
+from .embedding_table import engine_table, write_embedding
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 
@@ -53,6 +54,7 @@ class BuildOptions:
     calib_size: int | None = None  # default: every image of the set
     block_size: int = 32  # int4 weights per scale
     int4_algo: str = "gptq"
+    lm_head_bits: int = 4  # int4: the lm_head's (and a tied embedding table's) bits
 
 
 @dataclass
@@ -141,37 +143,6 @@ def copy_tokenizer(ckpt: Path, engine: Path) -> None:
             shutil.copy2(ckpt / name, engine / name)
 
 
-EMBED_CHUNK_ROWS = 8192
-
-
-def write_embedding(model, engine: Path, precision: str) -> str:
-    """The token embedding as a .npy the runtime memory-maps and gathers rows from.
-
-    A gather needs no graph: numpy indexes a memory-mapped table in microseconds, only the touched rows are paged in
-    (a 152k x 3584 table is 2 GB in fp32), and the decoder can take `inputs_embeds` that already hold the image
-    features merged in. Written in chunks of rows through a plain file (not a memory map, whose dirty pages would
-    count as the build's memory). model: a transformers model or a checkpoint's parts.
-    """
-    from .weights import as_parts
-
-    parts = as_parts(model)
-    t = parts.text
-    dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
-    name = "embed_tokens.npy"
-    rows = 0
-    with open(engine / name, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                                                 "shape": (t.vocab_size, t.hidden_size)})
-        for chunk in parts.embedding_rows(EMBED_CHUNK_ROWS):
-            if chunk.shape[1] != t.hidden_size:
-                raise BuildError(f"token embedding is {tuple(chunk.shape)} wide, config says hidden {t.hidden_size}")
-            f.write(np.ascontiguousarray(chunk.float().numpy(), dtype).tobytes())
-            rows += len(chunk)
-    if rows != t.vocab_size:
-        raise BuildError(f"token embedding has {rows} rows, config says vocab_size {t.vocab_size}")
-    return name
-
-
 def make_world_readable(root: Path) -> None:
     """Directories 0755, files 0644: the engine is data for whoever runs it (mkdtemp creates 0700)."""
     for d, _, files in os.walk(root):
@@ -238,7 +209,8 @@ def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
 
     if opts.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    quant = QuantConfig(opts.precision, opts.block_size, opts.int4_algo) if opts.precision in QUANT_PRECISIONS else None
+    quant = QuantConfig(opts.precision, opts.block_size, opts.int4_algo, opts.lm_head_bits) \
+        if opts.precision in QUANT_PRECISIONS else None
     ckpt = validate_checkpoint(opts.model)
     protocol = Protocol.load(opts.protocol) if opts.protocol else Protocol.default()
     if quant:
@@ -246,27 +218,31 @@ def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
 
         calib = load_calibration_set(opts.calib_images, opts.calib_size)
     tmp = prepare_output(opts.out, opts.force)
-    stages = Stages(9 if quant else 7, log)
+    stages = Stages(10 if quant else 7, log)
     try:
         with stages("open checkpoint (weights are read block by block)"):
             from .weights import open_parts
 
             parts = open_parts(ckpt)
-            config = ModelConfig.from_checkpoint(ckpt)
-        graphs = {"vision": "vision.onnx", "decoder": "decoder.onnx", "embed_tokens": "embed_tokens.npy",
-                  "tokenizer": "tokenizer.json", "protocol": "protocol.json", "chat": "chat.json"}
+            from .export_decoder import graph_for
+
+            config = replace(ModelConfig.from_checkpoint(ckpt), decoder_graph=graph_for(opts.precision))
         prov = provenance(ckpt)
         if quant:
-            parity = _quantized_stages(opts, quant, calib, parts, ckpt, config, protocol, tmp, stages)
+            parity, (table_file, table) = _quantized_stages(opts, quant, calib, parts, ckpt, config, protocol, tmp,
+                                                            stages)
             prov["calibration"] = calib.describe()
             prov["quantization"] = {"precision": quant.precision, "block_size": quant.block_size,
-                                    "int4_algo": quant.int4_algo, **quant.describe()}
+                                    "int4_algo": quant.int4_algo, "lm_head_bits": quant.lm_head_bits,
+                                    **quant.describe(), "embed_tokens": table.describe()}
         else:
-            parity = _float_stages(opts, parts, ckpt, protocol, tmp, stages)
+            parity, (table_file, table) = _float_stages(opts, parts, ckpt, protocol, tmp, stages)
+        graphs = {"vision": "vision", "decoder": "decoder.onnx", "embed_tokens": table_file,
+                  "tokenizer": "tokenizer.json", "protocol": "protocol.json", "chat": "chat.json"}
         with stages("write manifest"):
             make_world_readable(tmp)
             manifest = Manifest(precision=opts.precision, config=config, files={}, graphs=graphs, provenance=prov,
-                                parity=parity)
+                                parity=parity, embedding=table)
             manifest.write(tmp)
             os.chmod(tmp / "manifest.json", 0o644)
         publish(tmp, opts.out)
@@ -281,30 +257,33 @@ def build_engine(opts: BuildOptions, log: Log = print) -> BuildResult:
                        stage_peak_rss=stages.peak_rss)
 
 
-def _float_stages(opts: BuildOptions, parts, ckpt: Path, protocol: Protocol, tmp: Path, stages: Stages) -> dict:
+def _float_stages(opts: BuildOptions, parts, ckpt: Path, protocol: Protocol, tmp: Path, stages: Stages):
     from . import export_decoder as ed
     from . import export_vision as ev
     from .layer_parity import DecoderLayerParity
 
-    layers = DecoderLayerParity(parts) if opts.check_parity and not whole_model_parity(parts) else None
+    graph = ed.graph_for(opts.precision)
+    layers = DecoderLayerParity(parts, graph) if opts.check_parity and not whole_model_parity(parts) else None
     with stages(f"export vision encoder ({opts.precision}, block by block)"):
-        ev.export_vision(parts, tmp / "vision.onnx", precision=opts.precision)
+        ev.export_vision(parts, tmp / "vision", precision=opts.precision)
     with stages("write token embedding"):
-        write_embedding(parts, tmp, opts.precision)
+        table = engine_table(opts.precision, parts, tmp, "decoder.onnx")
     with stages(f"export language-model decoder ({opts.precision}, layer by layer)"):
-        ed.export_decoder(parts, tmp / "decoder.onnx", precision=opts.precision, on_piece=layers)
+        ed.export_decoder(parts, tmp / "decoder.onnx", precision=opts.precision, graph=graph, on_piece=layers)
     with stages("copy tokenizer, preprocessing and protocol; verify the chat template"):
         copy_tokenizer(ckpt, tmp)
         protocol.save(tmp / "protocol.json")
         stages.log(f"chat template: {write_chat_format(ckpt, protocol, tmp).source} (verified)")
     with stages("check parity against transformers"):
-        return check_parity(parts, ckpt, tmp / "vision.onnx", tmp / "decoder.onnx", layers) if opts.check_parity \
+        parity = check_parity(parts, ckpt, tmp / "vision", tmp / "decoder.onnx", layers) if opts.check_parity \
             else {}
+    return parity, table
 
 
 def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, config: ModelConfig, protocol: Protocol,
-                      tmp: Path, stages: Stages) -> dict:
-    """Calibrate and quantize while exporting (zoomin.build.streaming); scratch files live in tmp/.scratch."""
+                      tmp: Path, stages: Stages):
+    """Calibrate and quantize while exporting (zoomin.build.streaming); scratch files live in tmp/.scratch.
+    Returns the parity block and the engine's (table file, TableSpec)."""
     from .calibration import PlaceholderVision, ReplayVision, record, stand_in_engine
     from .drift import measure_drift
     from .layer_parity import DecoderLayerParity
@@ -317,12 +296,10 @@ def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, confi
     # by one as they are exported.
     reference = scratch / "fp32" if opts.check_parity else None
     whole = whole_model_parity(parts)
-    layers = DecoderLayerParity(parts) if opts.check_parity and not whole else None
-    with stages("write token embedding (fp16 for the engine, fp32 for calibration)"):
-        write_embedding(parts, tmp, "fp16")
+    layers = DecoderLayerParity(parts, config.decoder_graph) if opts.check_parity and not whole else None
+    with stages("write token embedding (fp32, for calibration)"):
         (scratch / "table").mkdir()
-        write_embedding(parts, scratch / "table", "fp32")
-        table = scratch / "table" / "embed_tokens.npy"
+        table = scratch / "table" / write_embedding(parts, scratch / "table", "fp32")
     with stages("copy tokenizer, preprocessing and protocol; verify the chat template"):
         copy_tokenizer(ckpt, tmp)
         protocol.save(tmp / "protocol.json")
@@ -335,35 +312,42 @@ def _quantized_stages(opts: BuildOptions, quant, calib, parts, ckpt: Path, confi
     with stages(f"lay out the ZoomIn conversations of {len(calib.images)} calibration images"):
         layout = record(stand_in(PlaceholderVision(config.vision)), calib)
     with stages(f"vision encoder: export, calibrate and quantize ({opts.precision}) block by block"):
-        vision_q = quantize_vision(parts, tmp / "vision.onnx", layout.vision, quant, scratch,
+        vision_q = quantize_vision(parts, tmp / "vision", layout.vision, quant, scratch,
                                    reference=reference / "vision" if reference else None)
         rec = record(stand_in(ReplayVision(vision_q.features)), calib)
     with stages(f"language-model decoder: export, calibrate and quantize ({opts.precision}) layer by layer"):
         decoder_q = quantize_decoder(parts, tmp / "decoder.onnx", rec, quant, scratch,
                                      reference=reference / "decoder" if reference and whole else None, check=layers)
+    with stages(f"token embedding table ({opts.precision})"):
+        engine_tab = engine_table(opts.precision, parts, tmp, "decoder.onnx")
+        stages.log(f"  {engine_tab[1].describe()}")
     with stages("check parity against transformers (fp32 reference graphs)"):
         parity: dict = {}
         if reference is not None:
             from .export_decoder import io_names
-            from .export_vision import META_NAMES
+            from .export_vision import stitch_stages
             from .stitch import stitch
 
-            stitch(vision_q.reference_pieces, reference / "vision.onnx", inputs=["pixel_values", *META_NAMES],
-                   outputs=["image_embeds"])
+            stitch_stages(vision_q.reference_pieces, reference / "vision")
             if whole:
-                inputs, outputs = io_names(config.text.num_hidden_layers)
+                inputs, outputs = io_names(config.text.num_hidden_layers, config.decoder_graph)
                 stitch(decoder_q.reference_pieces, reference / "decoder.onnx", inputs=inputs, outputs=outputs)
-            parity = check_parity(parts, ckpt, reference / "vision.onnx", reference / "decoder.onnx", layers)
+            parity = check_parity(parts, ckpt, reference / "vision", reference / "decoder.onnx", layers)
     with stages("measure drift against the fp32 pieces' outputs"):
         fp32_sizes = {"vision": vision_q.fp32_bytes, "decoder": decoder_q.fp32_bytes,
                       "embed_tokens": table.stat().st_size}
         shutil.rmtree(scratch)
-        drift = measure_drift(rec, tmp, fp32_sizes, config, opts.precision)
-        drift.calibration, drift.methods = calib.describe(), quant.describe()
+        t = config.text
+        embed = load_table(tmp, *engine_tab, (t.vocab_size, t.hidden_size))
+        drift = measure_drift(rec, tmp, fp32_sizes, config, opts.precision, table=embed)
+        del embed
+        drift.calibration = calib.describe()
+        drift.methods = {**quant.describe(), "embed_tokens": engine_tab[1].describe()}
         drift.write(tmp)
         stages.log(f"drift: KL mean {drift.decoder.kl_mean:.3g}, top-1 agreement {drift.decoder.top1_agreement:.1%}, "
-                   f"vision rel err max {drift.vision_rel_err_max:.3g}, compression x{drift.compression:.2f}")
-    return {"reference": parity, "drift": drift.summary()}
+                   f"vision rel err max {drift.vision_rel_err_max:.3g}, embedding rel err max "
+                   f"{drift.embed_rel_err_max:.3g}, compression x{drift.compression:.2f}")
+    return {"reference": parity, "drift": drift.summary()}, engine_tab
 
 
 def summary_lines(result: BuildResult) -> list[str]:

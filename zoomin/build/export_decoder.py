@@ -1,22 +1,31 @@
 """Export the Qwen2.5-VL language model (layers, final norm, lm_head) to one ONNX graph with an explicit KV cache.
 
-The graph is a pure function of its inputs: it takes the past keys/values of every layer and returns only the new
-positions' keys/values. That lets the runtime own one preallocated cache per layer, bind the past as a prefix view
-and the present outputs straight into the rows that follow it (see zoomin/runtime/decoder.py), so nothing is
-copied or reallocated per token on the host side.
-
 The torch modules below re-implement the transformers text model with plain tensors (no Cache objects, no mask
 helpers) so torch.onnx.export sees a static, readable graph; they share the Hugging Face weights and reproduce the
-HF logits to float32 rounding. The graph is exported one piece at a time (prologue: mask bias and M-RoPE tables;
-one piece per layer; epilogue: final norm, lm_head, logits_to_keep) and stitched (zoomin.build.stitch), so a
-checkpoint of any depth exports with one layer's weights in memory; the stitched graph computes exactly what one
-export of the whole TextDecoder does.
+HF logits to float32 rounding. The graph is exported one piece at a time (prologue: M-RoPE tables, and the mask
+bias of the plain graph; one piece per layer; epilogue: final norm, lm_head, logits_to_keep) and stitched
+(zoomin.build.stitch), so a checkpoint of any depth exports with one layer's weights in memory; the stitched graph
+computes exactly what one export of the whole TextDecoder does.
 
-Graph I/O (B batch, S new tokens, P past tokens, K = logits_to_keep):
-  inputs_embeds  float32 (B, S, hidden)            position_ids int64 (3, B, S)   (M-RoPE rows t, h, w)
-  attention_mask int64   (B, P+S), 1 = attend      logits_to_keep int64 (1,)
-  past_key.{i} / past_value.{i}       cache dtype (B, P, kv_heads, head_dim)   sequence-major on purpose
-  -> logits float32 (B, K, vocab);    present_key.{i} / present_value.{i} cache dtype (B, S, kv_heads, head_dim)
+Two graph flavours (zoomin.runtime.decoder.DECODER_GRAPHS), recorded in the engine manifest:
+- "gqa" (default): attention is ONNX Runtime's com.microsoft GroupQueryAttention over a KV cache it updates in
+  place. past_key.{i} and present_key.{i} are bound to the same preallocated head-major buffer
+  (1, kv_heads, max_len, head_dim); seqlens_k / total_sequence_length say how many rows are valid after the call,
+  so the op appends the new rows itself and reads the cache without any concat or mask tensor, and a shorter
+  seqlens_k is all a truncation needs. M-RoPE is applied to q/k before it (per-token cos/sin from the prologue).
+- "plain": standard ONNX ops only, for TensorRT (fp8's QDQ graphs): the graph takes the past in sequence-major
+  layout (B, P, kv_heads, head_dim), returns only the S new rows (the runtime binds both into one buffer), and
+  masks with an additive bias; GQA is a grouped matmul, so K/V are never repeated.
+
+Graph I/O (B batch, S new tokens, P past tokens, C cache rows (>= P), K = logits_to_keep):
+  inputs_embeds  float32 (B, S, hidden)      position_ids int64 (3, B, S)  (M-RoPE rows t, h, w)
+  logits_to_keep int64   (1,)                -> logits float32 (B, K, vocab)
+  gqa:   seqlens_k int32 (B,) = P + S - 1,   total_sequence_length int32 () = P + S
+         past_key.{i} / past_value.{i} cache dtype (B, kv_heads, C, head_dim)
+         -> present_key.{i} / present_value.{i} (B, kv_heads, max(C, P + S), head_dim): past with rows [P, P+S)
+  plain: attention_mask int64 (B, P+S), 1 = attend
+         past_key.{i} / past_value.{i} cache dtype (B, P, kv_heads, head_dim)
+         -> present_key.{i} / present_value.{i} (B, S, kv_heads, head_dim): the new rows only
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ import torch
 from torch import nn
 
 from zoomin.runtime.config import TextConfig, text_config
+from zoomin.runtime.decoder import CACHE_INPUTS, DECODER_GRAPHS
 
+from .contrib_ops import AttrType, contrib_op
 from .stitch import Piece, PieceExporter, stitch
 from .weights import Parts, as_parts
 
@@ -77,7 +88,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention over [past ; new] keys; queries are grouped per KV head so K/V are never repeated."""
+    """The plain graph's attention over [past ; new] keys; queries are grouped per KV head so K/V are never
+    repeated."""
 
     def __init__(self, src: nn.Module, cfg: TextConfig, dtype: torch.dtype):
         super().__init__()
@@ -107,6 +119,78 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+@torch.library.custom_op("zoomin::group_query_attention", mutates_args=())
+def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
+                          heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal GQA of S new tokens after P = total_sequence_length - S cached ones, what ONNX Runtime's
+    com.microsoft GroupQueryAttention computes (exported as it, see `_group_query_attention_onnx`).
+
+    q (B, S, heads*D), k/v (B, S, kv_heads*D); past_key/value (B, kv_heads, C, D) with rows [0, P) valid.
+    Returns the attention output (B, S, heads*D) and present_key/value (B, kv_heads, max(C, P+S), D): the past
+    with the new rows written at [P, P+S). Every batch row has the same length here (seqlens_k = P + S - 1).
+    """
+    b, s, _ = q.shape
+    total = int(total_sequence_length)
+    if not bool((seqlens_k == total - 1).all()):
+        raise ValueError("group_query_attention: every batch row must hold total_sequence_length positions")
+    p, d = total - s, q.shape[-1] // heads
+    length = max(past_key.shape[2], total)
+    presents = []
+    for past, new in ((past_key, k), (past_value, v)):
+        present = past.new_zeros(b, kv_heads, length, d)
+        present[:, :, :p] = past[:, :, :p]
+        present[:, :, p:total] = new.view(b, s, kv_heads, d).transpose(1, 2)
+        presents.append(present)
+    keys, values = (t[:, :, None, :total].float() for t in presents)  # (B, kvh, 1, T, D)
+    qg = q.view(b, s, kv_heads, heads // kv_heads, d).permute(0, 2, 3, 1, 4).float()  # (B, kvh, g, S, D)
+    causal = torch.arange(total, device=q.device) <= (torch.arange(s, device=q.device) + p)[:, None]  # query i: P + i
+    scores = torch.where(causal, torch.matmul(qg, keys.transpose(-1, -2)) * scale, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, kvh, g, S, D)
+    return out.permute(0, 3, 1, 2, 4).reshape(b, s, heads * d).to(q.dtype), presents[0], presents[1]
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, heads, kv_heads, scale):
+    length = torch.library.get_ctx().new_dynamic_size()  # max(C, P + S): depends on a tensor's value
+    shape = (past_key.shape[0], past_key.shape[1], length, past_key.shape[3])
+    return torch.empty_like(q), past_key.new_empty(shape), past_value.new_empty(shape)
+
+
+_GROUP_QUERY_ATTENTION = contrib_op(
+    "GroupQueryAttention",
+    ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"),
+    {"num_heads": AttrType.INT, "kv_num_heads": AttrType.INT, "scale": AttrType.FLOAT},
+    outputs=("output", "present_key", "present_value"), int32_inputs=("seqlens_k", "total_sequence_length"))
+
+
+def _group_query_attention_onnx(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, heads: int,
+                                kv_heads: int, scale: float):
+    """GroupQueryAttention without rotary (q/k come rotated): with past_key and present_key bound to one buffer
+    ONNX Runtime appends the new rows in place (past_present_share_buffer), on the CPU for a first prompt, a
+    later chunk of any length and a single decode token alike."""
+    return _GROUP_QUERY_ATTENTION(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
+                                  num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+
+
+CUSTOM_OPS = {torch.ops.zoomin.group_query_attention.default: _group_query_attention_onnx}
+
+
+class GQAttention(Attention):
+    """The gqa graph's attention: projections and M-RoPE here, attention and the cache update in the fused op."""
+
+    def forward(self, x, cos, sin, seqlens_k, total_sequence_length, past_k, past_v):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        q = rotate(q.float(), cos, sin).to(x.dtype).reshape(b, s, -1)  # rotary in float32, as in Attention
+        k = rotate(k.float(), cos, sin).to(x.dtype).reshape(b, s, -1)
+        out, present_k, present_v = group_query_attention(q, k, self.v_proj(x), past_k, past_v, seqlens_k,
+                                                          total_sequence_length, self.heads, self.kv_heads,
+                                                          self.scaling)
+        return self.o_proj(out), present_k, present_v
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on (B, S, heads, D) with cos/sin (B, S, D): x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
@@ -126,21 +210,37 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
+    """One decoder layer of the plain graph (its attention reads the mask bias and the past rows)."""
+
+    attention = Attention
+
     def __init__(self, src: nn.Module, cfg: TextConfig, dtype: torch.dtype):
         super().__init__()
         self.input_layernorm = RMSNorm(src.input_layernorm, dtype)
-        self.self_attn = Attention(src.self_attn, cfg, dtype)
+        self.self_attn = self.attention(src.self_attn, cfg, dtype)
         self.post_attention_layernorm = RMSNorm(src.post_attention_layernorm, dtype)
         self.mlp = MLP(src.mlp, dtype)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v)
+        return self.finish(x, *self.self_attn(self.input_layernorm(x), cos, sin, bias, past_k, past_v))
+
+    def finish(self, x, attn, k, v):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
+class GQALayer(Layer):
+    """One decoder layer of the gqa graph (its attention reads the cache lengths and the shared cache buffer)."""
+
+    attention = GQAttention
+
+    def forward(self, x, cos, sin, seqlens_k, total_sequence_length, past_k, past_v):
+        return self.finish(x, *self.self_attn(self.input_layernorm(x), cos, sin, seqlens_k, total_sequence_length,
+                                              past_k, past_v))
+
+
 class Prologue(nn.Module):
-    """What every layer shares: the compute-dtype residual stream, M-RoPE cos/sin and the additive mask bias."""
+    """What every layer shares: the compute-dtype residual stream and the M-RoPE cos/sin."""
 
     def __init__(self, rotary: nn.Module, cfg: TextConfig, dtype: torch.dtype):
         super().__init__()
@@ -160,16 +260,22 @@ class Prologue(nn.Module):
         emb = torch.cat([emb, emb], dim=-1)
         return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
 
+    def forward(self, inputs_embeds, position_ids):
+        cos, sin = self.rope_tables(position_ids)
+        return inputs_embeds.to(self.dtype), cos, sin
+
+
+class MaskedPrologue(Prologue):
+    """The plain graph's prologue: also the causal + padding mask as an additive float32 bias (B, 1, 1, S, T)."""
+
     def forward(self, inputs_embeds, position_ids, attention_mask):
         s = inputs_embeds.shape[1]
         total = attention_mask.shape[1]
-        # Causal + padding mask as an additive float32 bias (B, 1, 1, S, T); query i sits at absolute P + i.
-        query_pos = torch.arange(s, device=inputs_embeds.device) + (total - s)
+        query_pos = torch.arange(s, device=inputs_embeds.device) + (total - s)  # query i sits at absolute P + i
         causal = torch.arange(total, device=inputs_embeds.device).unsqueeze(0) <= query_pos.unsqueeze(1)
         allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None, None]
-        cos, sin = self.rope_tables(position_ids)
-        return inputs_embeds.to(self.dtype), cos, sin, bias
+        return *super().forward(inputs_embeds, position_ids), bias
 
 
 class Epilogue(nn.Module):
@@ -189,49 +295,72 @@ class Epilogue(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Qwen2.5-VL text model + lm_head as a function of (embeddings, M-RoPE positions, mask, past KV), whole.
+    """Qwen2.5-VL text model + lm_head as a function of (embeddings, M-RoPE positions, cache inputs, past KV),
+    whole: `forward(inputs_embeds, position_ids, cache_inputs, logits_to_keep, past_keys, past_values)` with
+    cache_inputs the tuple of the flavour's cache inputs (CACHE_INPUTS, in io_names order).
 
     The build exports it piece by piece (`decoder_pieces`); this composition of the same pieces is what those
     pieces stitch back to, and what a torch baseline runs.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, graph: str = "gqa"):
         super().__init__()
+        _check_graph(graph)
         parts = as_parts(model)
         self.cfg = parts.text
         self.dtype = dtype
-        self.prologue = Prologue(parts.text_rotary(), self.cfg, dtype)
-        self.layers = nn.ModuleList(Layer(parts.text_layer(i), self.cfg, dtype)
+        self.prologue = (Prologue if graph == "gqa" else MaskedPrologue)(parts.text_rotary(), self.cfg, dtype)
+        layer = GQALayer if graph == "gqa" else Layer
+        self.layers = nn.ModuleList(layer(parts.text_layer(i), self.cfg, dtype)
                                     for i in range(self.cfg.num_hidden_layers))
         self.epilogue = Epilogue(parts.text_norm(), parts.lm_head(), dtype)
+        self.graph = graph
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, logits_to_keep, past_keys, past_values):
-        x, cos, sin, bias = self.prologue(inputs_embeds, position_ids, attention_mask)
+    def forward(self, inputs_embeds, position_ids, cache_inputs, logits_to_keep, past_keys, past_values):
+        if self.graph == "gqa":  # cache_inputs: seqlens_k, total_sequence_length, read by every layer
+            x, cos, sin = self.prologue(inputs_embeds, position_ids)
+            layer_cache = cache_inputs
+        else:  # cache_inputs: attention_mask, which the prologue turns into the bias every layer reads
+            x, cos, sin, bias = self.prologue(inputs_embeds, position_ids, *cache_inputs)
+            layer_cache = (bias,)
         presents_k, presents_v = [], []
         for layer, pk, pv in zip(self.layers, past_keys, past_values):
-            x, k, v = layer(x, cos, sin, bias, pk, pv)
+            x, k, v = layer(x, cos, sin, *layer_cache, pk, pv)
             presents_k.append(k)
             presents_v.append(v)
         return self.epilogue(x, logits_to_keep), presents_k, presents_v
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int, graph: str = "gqa") -> tuple[list[str], list[str]]:
     """Graph input and output names, in TextDecoder.forward's flattened argument / result order."""
-    inputs = ["inputs_embeds", "position_ids", "attention_mask", "logits_to_keep"]
+    inputs = ["inputs_embeds", "position_ids", *CACHE_INPUTS[graph], "logits_to_keep"]
     inputs += [f"past_key.{i}" for i in range(num_layers)] + [f"past_value.{i}" for i in range(num_layers)]
     outputs = ["logits"] + [f"present_key.{i}" for i in range(num_layers)]
     outputs += [f"present_value.{i}" for i in range(num_layers)]
     return inputs, outputs
 
 
-def _check_export_args(precision: str, opset: int) -> None:
+def graph_for(precision: str) -> str:
+    """The decoder graph flavour a build of `precision` gets: fp8 engines are QDQ graphs for TensorRT, which cannot
+    run com.microsoft ops, so they keep the plain graph; every other precision gets the fused gqa graph."""
+    return "plain" if precision == "fp8" else "gqa"
+
+
+def _check_graph(graph: str) -> None:
+    if graph not in DECODER_GRAPHS:
+        raise ValueError(f"unknown decoder graph {graph!r}; choose one of {', '.join(DECODER_GRAPHS)}")
+
+
+def _check_export_args(precision: str, opset: int, graph: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < 17:
         raise ValueError(f"opset {opset} is not supported (17 or newer)")
+    _check_graph(graph)
 
 
-def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opset: int = 17) -> Iterator[Piece]:
+def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opset: int = 17, graph: str = "gqa"
+                   ) -> Iterator[Piece]:
     """Export the decoder into `scratch` one piece at a time: prologue, each layer, epilogue (norm + lm_head).
 
     A generator: each piece is exported when the caller asks for the next one, so only one layer's weights are
@@ -239,7 +368,7 @@ def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opse
     runs with dynamic batch / new / past lengths; torchlib emits opset 18, and opset 17 (what older TensorRT
     releases accept) is reached by a small rewrite of each piece, see `_downgrade_to_17`.
     """
-    _check_export_args(precision, opset)
+    _check_export_args(precision, opset, graph)
     cfg, dtype = parts.text, PRECISIONS[precision]
     # Example sizes are all distinct and > 1 so that torch.export cannot specialise or equate any dynamic dim.
     b, s, p = 2, 3, 4
@@ -248,37 +377,52 @@ def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opse
     common = dict(opset=max(opset, 18), finalize=finalize)
     scratch = Path(scratch)
     exporter = PieceExporter()
+    fused = graph == "gqa"
 
-    prologue = Prologue(parts.text_rotary(), cfg, dtype).eval()
-    args = (torch.zeros(b, s, cfg.hidden_size), torch.arange(s).expand(3, b, s).contiguous(),
-            torch.ones(b, p + s, dtype=torch.int64))
-    names = ["inputs_embeds", "position_ids", "attention_mask"]
-    # The mask length is past + seq; torch.export infers that relation itself (Dim.AUTO).
-    path = exporter.export("prologue", prologue, args, scratch / "prologue.onnx", input_names=names,
-                        output_names=["hidden", "rope_cos", "rope_sin", "mask_bias"],
-                        dynamic_shapes=({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO}),
-                        dim_names={("attention_mask", 1): "past_plus_seq"}, **common)
-    yield Piece("prologue", path, {n: n for n in names},
-                {"hidden": "hidden", "rope_cos": "rope_cos", "rope_sin": "rope_sin", "mask_bias": "mask_bias"})
+    embeds, positions = torch.zeros(b, s, cfg.hidden_size), torch.arange(s).expand(3, b, s).contiguous()
+    if fused:
+        prologue = Prologue(parts.text_rotary(), cfg, dtype).eval()
+        args, names, dims, dim_names = (embeds, positions), ["inputs_embeds", "position_ids"], \
+            ({0: batch, 1: seq}, {1: batch, 2: seq}), {}
+    else:
+        prologue = MaskedPrologue(parts.text_rotary(), cfg, dtype).eval()
+        args = (embeds, positions, torch.ones(b, p + s, dtype=torch.int64))
+        names = ["inputs_embeds", "position_ids", "attention_mask"]
+        # The mask length is past + seq; torch.export infers that relation itself (Dim.AUTO).
+        dims = ({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch, 1: torch.export.Dim.AUTO})
+        dim_names = {("attention_mask", 1): "past_plus_seq"}
+    shared = ["hidden", "rope_cos", "rope_sin", *([] if fused else ["mask_bias"])]
+    path = exporter.export(("prologue", graph), prologue, args, scratch / "prologue.onnx", input_names=names,
+                           output_names=shared, dynamic_shapes=dims, dim_names=dim_names, **common)
+    yield Piece("prologue", path, {n: n for n in names}, {n: n for n in shared})
     with torch.no_grad():
-        hidden, cos, sin, bias = prologue(*args)
+        outputs = prologue(*args)
     del prologue
 
-    # two tensors: torch.export would treat one tensor passed twice as one input
-    kv = [torch.zeros(b, p, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype) for _ in range(2)]
-    layer_in = ["hidden", "rope_cos", "rope_sin", "mask_bias", "past_key", "past_value"]
+    if fused:  # the shared buffer: C cache rows, P + S = 7 of them valid after the call
+        kv = [torch.zeros(b, cfg.num_key_value_heads, p + s + 1, cfg.head_dim, dtype=dtype) for _ in range(2)]
+        cache = {"seqlens_k": torch.full((b,), p + s - 1, dtype=torch.int32),
+                 "total_sequence_length": torch.tensor(p + s, dtype=torch.int32)}
+        cache_dims = ({0: batch}, None, {0: batch, 2: past}, {0: batch, 2: past})
+        layer_dim_names = {("present_key", 2): "present", ("present_value", 2): "present"}
+    else:  # two tensors: torch.export would treat one tensor passed twice as one input
+        kv = [torch.zeros(b, p, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype) for _ in range(2)]
+        cache = {"mask_bias": outputs[3]}
+        cache_dims = ({0: batch, 3: seq, 4: torch.export.Dim.AUTO}, {0: batch, 1: past}, {0: batch, 1: past})
+        layer_dim_names = {("mask_bias", 4): "past_plus_seq"}
+    hidden, cos, sin = outputs[:3]
+    layer_in = ["hidden", "rope_cos", "rope_sin", *cache, "past_key", "past_value"]
     layer_out = ["hidden_out", "present_key", "present_value"]  # a graph cannot reuse an input's name
-    layer_dims = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq},
-                  {0: batch, 3: seq, 4: torch.export.Dim.AUTO}, {0: batch, 1: past}, {0: batch, 1: past})
+    layer_dims = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, *cache_dims)
     for i in range(cfg.num_hidden_layers):
-        layer = Layer(parts.text_layer(i), cfg, dtype).eval()
-        path = exporter.export("layer", layer, (hidden, cos, sin, bias, *kv), scratch / f"layers.{i}.onnx",
-                            input_names=layer_in, output_names=layer_out, dynamic_shapes=layer_dims,
-                            dim_names={("mask_bias", 4): "past_plus_seq"}, **common)
+        layer = (GQALayer if fused else Layer)(parts.text_layer(i), cfg, dtype).eval()
+        path = exporter.export(("layer", graph), layer, (hidden, cos, sin, *cache.values(), *kv),
+                               scratch / f"layers.{i}.onnx", input_names=layer_in, output_names=layer_out,
+                               dynamic_shapes=layer_dims, dim_names=layer_dim_names,
+                               custom_translation_table=CUSTOM_OPS if fused else None, **common)
         del layer
         yield Piece(f"layers.{i}", path,
-                    {"hidden": "hidden", "rope_cos": "rope_cos", "rope_sin": "rope_sin", "mask_bias": "mask_bias",
-                     "past_key": f"past_key.{i}", "past_value": f"past_value.{i}"},
+                    {**{n: n for n in layer_in[:-2]}, "past_key": f"past_key.{i}", "past_value": f"past_value.{i}"},
                     {"hidden_out": "hidden", "present_key": f"present_key.{i}", "present_value": f"present_value.{i}"})
 
     epilogue = Epilogue(parts.text_norm(), parts.lm_head(), dtype).eval()
@@ -293,22 +437,23 @@ def decoder_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opse
 PieceHook = Callable[[Piece], Piece]
 
 
-def export_decoder(model, out_path: Path, *, precision: str = "fp32", opset: int = 17,
+def export_decoder(model, out_path: Path, *, precision: str = "fp32", opset: int = 17, graph: str = "gqa",
                    on_piece: PieceHook | None = None) -> Path:
     """Export the language model + lm_head to `out_path` (weights in `<name>.onnx.data`); returns the path.
 
     model: a transformers Qwen2_5_VLForConditionalGeneration or the parts of a checkpoint (zoomin.build.weights).
+    graph: "gqa" or "plain" (see the module docstring; `graph_for` picks one per build precision).
     The graph is exported piece by piece (`decoder_pieces`) and stitched; `on_piece` may replace each piece as it
     is made (the quantized build calibrates and quantizes it there) before the next piece is exported.
     """
-    _check_export_args(precision, opset)
+    _check_export_args(precision, opset, graph)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     parts = as_parts(model)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.pieces.", dir=out_path.parent) as scratch:
         pieces = [on_piece(p) if on_piece else p for p in decoder_pieces(parts, Path(scratch), precision=precision,
-                                                                        opset=opset)]
-        inputs, outputs = io_names(parts.text.num_hidden_layers)
+                                                                        opset=opset, graph=graph)]
+        inputs, outputs = io_names(parts.text.num_hidden_layers, graph)
         return stitch(pieces, out_path, inputs=inputs, outputs=outputs)
 
 

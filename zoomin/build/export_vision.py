@@ -1,23 +1,23 @@
-"""Export the Qwen2.5-VL vision tower (patch embed, blocks, patch merger) to one ONNX graph for any image grid.
+"""Export the Qwen2.5-VL vision tower (patch embed, blocks, patch merger) as the stage graphs the runtime chains.
 
-Everything that depends on the image grid (rotary tables, window and frame groups) is computed on the host by
-`zoomin.runtime.vision_meta` and fed as graph inputs, so a single graph serves every size, aspect ratio and number
-of equally sized images per call (the runtime splits other lists, vision_meta.frame_runs). See vision_meta for the
-layout; in short the graph keeps the processor's patch order; windowed blocks gather q/k/v rows into padded groups
-of 64 patches, attend within each group under a key-validity mask and gather the results back; full-attention
-blocks attend over whole frames with ONNX Runtime's MultiHeadAttention (flash attention on the CPU, no N x N
-scores). That is exact: transformers' window permutation and its reverse index only exist to make windows
-contiguous for `cu_seqlens`.
+The runtime (zoomin.runtime.vision.run_tower) runs the tower frame by frame in chunks of whole windows of one
+shape (zoomin.runtime.vision_meta), so that one call's memory is bounded whatever the image size. The graphs are
+therefore functions of one chunk's rows:
+- a windowed block reshapes its rows to (windows, window_len) and attends within each window;
+- a full-attention block is two graphs: one writes the chunk's keys/values into the frame's K/V (`KeyValue`),
+  the other attends with the chunk's queries over all of them (`FullBlock`);
+- row-wise pieces (patch embedding, MLPs, norms, the merger) do not care.
+All attention runs as ONNX Runtime's com.microsoft MultiHeadAttention in float32 (on the CPU flash attention:
+no (heads, N, N) scores). Everything grid-dependent (rotary tables, window shapes) is a host-side input.
 
-Graph I/O (N patches, Gw windows, Gf frames of L patches; see vision_meta.vision_inputs):
-  pixel_values float32 (N, 1176)   + vision_meta.META_NAMES   ->   image_embeds float32 (N / 4, out_hidden_size)
+The build exports one piece per block (plus patch embedding and merger; a full-attention block gives two), one
+block's weights in memory at a time (a generator: the quantized build calibrates and quantizes each piece as it
+comes, zoomin.build.streaming), and stitches consecutive pieces into stages (`stage_groups`): every run of pieces
+up to a full-attention block's keys/values is one stage, the keys/values another. `VisionGraph` runs the same
+pieces, grouped the same way, in torch through the runtime's own scheduler.
 
-The build exports the tower piece by piece (`vision_pieces`: patch embedding with the window tables, one piece per
-block, the merger) and stitches the pieces (zoomin.build.stitch): one block's weights in memory at a time, the
-same graph outputs as one export of the whole VisionGraph.
-
-fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary, softmax and the full-attention
-blocks' attention run in float32 (as transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
+fp16: weights and matmuls in fp16, I/O in float32; RMSNorm statistics, rotary and attention run in float32 (as
+transformers does in half precision). The down_proj of the blocks in `fp32_down_proj` (default: the last one)
 runs in float32 and the residual stream stays float32 from there to the merger: the 3B tower's last down_proj
 overflows fp16 (TensorRT Edge-LLM keeps it in fp32 for that reason).
 """
@@ -26,226 +26,205 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxscript
 import torch
 from torch import nn
 
 from zoomin.runtime.config import VisionConfig, vision_config
-from zoomin.runtime.vision import VisionEncoder
-from zoomin.runtime.vision_meta import META_NAMES, VISION_ROPE_THETA, rotary_inv_freq, vision_inputs
+from zoomin.runtime.vision import STAGE_OUTPUTS, VisionEncoder, run_tower
+from zoomin.runtime.vision_meta import CHUNK_ROWS, VISION_ROPE_THETA, check_grid, rotary_inv_freq
 
-from .export_decoder import PRECISIONS, PieceHook, RMSNorm, cast_linear, rotate
+from .contrib_ops import AttrType, contrib_op
+from .export_decoder import PRECISIONS, PieceHook, RMSNorm, cast_linear
 from .stitch import Piece, PieceExporter, stitch
 from .weights import Parts, as_parts
 
-
-
-def _contrib_op(name: str, inputs: Sequence[str], attributes: dict[str, "onnx.defs.OpSchema.AttrType"]):
-    """An onnxscript op for an ONNX Runtime contrib op (onnx ships no schema for them): float inputs, one output."""
-    schema = onnx.defs.OpSchema(
-        name, "com.microsoft", 1,
-        inputs=[onnx.defs.OpSchema.FormalParameter(i, "T") for i in inputs],
-        outputs=[onnx.defs.OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
-        attributes=[onnx.defs.OpSchema.Attribute(a, t, "", required=True) for a, t in attributes.items()])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
-
-
-_MULTI_HEAD_ATTENTION = _contrib_op("MultiHeadAttention", ("query", "key", "value"),
-                                    {"num_heads": onnx.defs.OpSchema.AttrType.INT,
-                                     "scale": onnx.defs.OpSchema.AttrType.FLOAT})
+_MULTI_HEAD_ATTENTION = contrib_op("MultiHeadAttention", ("query", "key", "value"),
+                                   {"num_heads": AttrType.INT, "scale": AttrType.FLOAT})
 
 # Grids used by the build's parity check: non-square, partial edge windows, and two images in one call.
 CHECK_GRIDS = ((1, 8, 10), (1, 16, 6), (1, 12, 18))
 
 
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[index] for an integer index of any shape, exported as one ONNX Gather (plain indexing gives GatherND)."""
-    return x.index_select(0, index.reshape(-1)).reshape(*index.shape, *x.shape[1:])
+@torch.library.custom_op("zoomin::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v per head and batch row; q (B, S, heads * hd) float32, k and v either (B, L, heads *
+    hd) or (B, heads, L, hd). Exported as ONNX Runtime's MultiHeadAttention (`_attention_onnx`), same math."""
+    b, s, d = q.shape
+    qh = q.reshape(b, s, heads, d // heads).transpose(1, 2)
+    kh, vh = (t if t.dim() == 4 else t.reshape(b, -1, heads, d // heads).transpose(1, 2) for t in (k, v))
+    out = torch.softmax((qh @ kh.transpose(2, 3)) * scale, dim=-1) @ vh
+    return out.transpose(1, 2).reshape(b, s, d)
 
 
-def mask_bias(valid: torch.Tensor) -> torch.Tensor:
-    """(G, L) key validity -> (G, 1, 1, L) additive float32 bias (0 or -inf)."""
-    return torch.where(valid, 0.0, float("-inf"))[:, None, None, :]
-
-
-def grouped_attention(qkv, cos, sin, gather, bias, scatter, heads: int) -> torch.Tensor:
-    """Attention within padded groups of rows (the windowed blocks): qkv (N, 3*D) -> (N, D).
-
-    gather (G, L) picks each slot's row, bias (G, 1, 1, L) masks padding keys, scatter (N,) picks each row's slot
-    back out of the (G*L) results. cos/sin (G, L, head_dim) are the rotary tables already gathered to the slots.
-    """
-    g, length = gather.shape
-    x = take_rows(qkv, gather).view(g, length, 3, heads, -1)  # (G, L, 3, H, hd)
-    q, k, v = x.unbind(2)
-    scale = q.shape[-1] ** -0.5
-    # Rotary in float32; the softmax scale is folded into q, which keeps half-precision scores small.
-    q = (rotate(q.float(), cos, sin) * scale).to(qkv.dtype).transpose(1, 2)  # (G, H, L, hd)
-    k = rotate(k.float(), cos, sin).to(qkv.dtype).transpose(1, 2)
-    v = v.transpose(1, 2)
-    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)).float() + bias, dim=-1).to(qkv.dtype)
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(g * length, -1)  # (G*L, D)
-    return take_rows(out, scatter)
-
-
-@torch.library.custom_op("zoomin::frame_attention", mutates_args=())
-def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T) v per head; q, k, v (F, L, heads * hd) float32, q already scaled. Exported as ONNX
-    Runtime's com.microsoft MultiHeadAttention (see `_frame_attention_onnx`); this body is the same math."""
-    f, length, d = q.shape
-    qh, kh, vh = (t.reshape(f, length, heads, d // heads).transpose(1, 2) for t in (q, k, v))
-    out = torch.softmax(qh @ kh.transpose(2, 3), dim=-1) @ vh
-    return out.transpose(1, 2).reshape(f, length, d)
-
-
-@frame_attention.register_fake
-def _(q, k, v, heads):
+@attention.register_fake
+def _(q, k, v, heads, scale):
     return torch.empty_like(q)
 
 
-def _frame_attention_onnx(q, k, v, heads: int):
-    """MultiHeadAttention without mask, bias or past: on the CPU, ONNX Runtime runs it as tiled flash attention
-    (O(L) memory, no (heads, L, L) scores); scale 1 because q comes scaled."""
-    return _MULTI_HEAD_ATTENTION(q, k, v, num_heads=heads, scale=1.0)
+def _attention_onnx(q, k, v, heads: int, scale: float):
+    """MultiHeadAttention without mask, bias or past (key/value 3-D, or 4-D BNSH as the frame's K/V buffers are):
+    on the CPU, ONNX Runtime runs it as tiled flash attention, O(L) memory."""
+    return _MULTI_HEAD_ATTENTION(q, k, v, num_heads=heads, scale=scale)
 
 
-def frame_attention_block(qkv, cos, sin, frames, heads: int) -> torch.Tensor:
-    """Full attention within each frame (the full-attention blocks): qkv (N, 3*D) -> (N, D).
-
-    Frames are consecutive, equally long runs of rows (vision_meta.vision_inputs), so `frames` (F, L) only gives
-    the shape: a reshape groups them, no gather or padding mask is needed. Attention runs in float32 in every
-    precision (the contrib op's CPU kernel is float32; transformers' softmax is float32 too).
-    """
-    f, length = frames.shape
-    x = qkv.view(f, length, 3, heads, -1)
-    q, k, v = x.unbind(2)
-    scale = q.shape[-1] ** -0.5
-    cos, sin = cos.view(f, length, -1), sin.view(f, length, -1)
-    q = (rotate(q.float(), cos, sin) * scale).reshape(f, length, -1)
-    k = rotate(k.float(), cos, sin).reshape(f, length, -1)
-    out = frame_attention(q, k, v.float().reshape(f, length, -1), heads)
-    return out.to(qkv.dtype).reshape(f * length, -1)
+ATTENTION_ONNX = {torch.ops.zoomin.attention.default: _attention_onnx}
 
 
-class Block(nn.Module):
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on (rows, heads, hd) with per-row cos/sin (rows, hd): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def linear_rows(src: nn.Linear, rows: slice, dtype: torch.dtype) -> nn.Linear:
+    """The output features `rows` of `src` as a Linear of their own (q, or k and v, of the fused qkv)."""
+    weight = src.weight.detach()[rows]
+    dst = nn.Linear(weight.shape[1], weight.shape[0], bias=src.bias is not None, device="meta")
+    dst.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if src.bias is not None:
+        dst.bias = nn.Parameter(src.bias.detach()[rows].to(dtype), requires_grad=False)
+    return dst
+
+
+class Piece_(nn.Module):
+    """A tower piece: `inputs` are its forward's arguments, `outputs` what it returns, both scheduler names
+    (zoomin.runtime.vision's stage contract)."""
+
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("hidden",)
+    positional = None  # forward's named arguments when the rest of `inputs` come as *args (FullBlock's heads)
+
+    def dynamic_shapes(self, dims: Mapping[str, dict]) -> tuple:
+        """torch.export's dynamic_shapes for `inputs`, structured like forward's signature."""
+        n = len(self.inputs) if self.positional is None else self.positional
+        rest = [tuple(dims[x] for x in self.inputs[n:])] if n < len(self.inputs) else []
+        return (*(dims[x] for x in self.inputs[:n]), *rest)
+
+
+class PatchEmbed(Piece_):
+    """The patch embedding's Conv3d (kernel == stride over one row of pixel_values) as the Linear it is."""
+
+    inputs = ("pixel_values",)
+
+    def __init__(self, patch_embed: nn.Module, cfg: VisionConfig, dtype: torch.dtype):
+        super().__init__()
+        self.proj = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, device="meta")
+        self.proj.weight = nn.Parameter(patch_embed.proj.weight.detach().reshape(cfg.hidden_size, -1).to(dtype),
+                                        requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, pixel_values):
+        return self.proj(pixel_values.to(self.dtype))
+
+
+class Block(Piece_):
+    """Pre-norm attention + SwiGLU MLP; subclasses say how the normed rows attend (`attend`: (rows, D) -> (rows, D)
+    before the output projection)."""
+
     def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype, fp32_down: bool):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(src.norm1, dtype), RMSNorm(src.norm2, dtype)
-        self.qkv, self.proj = cast_linear(src.attn.qkv, dtype), cast_linear(src.attn.proj, dtype)
+        self.proj = cast_linear(src.attn.proj, dtype)
         mlp = src.mlp
         self.gate_proj, self.up_proj = cast_linear(mlp.gate_proj, dtype), cast_linear(mlp.up_proj, dtype)
         self.down_proj = cast_linear(mlp.down_proj, torch.float32 if fp32_down else dtype)
         self.heads, self.dtype = heads, dtype
+        self.dim = src.attn.proj.in_features
+        self.scale = (self.dim // heads) ** -0.5
 
-    def forward(self, x, attention):
-        """attention(qkv) -> (N, D): the block's attention pattern (windows or whole frames) with its metadata."""
+    def residual(self, x, attend):
         h = self.norm1(x).to(self.dtype)
-        x = x + self.proj(attention(self.qkv(h), self.heads)).to(x.dtype)
+        x = x + self.proj(attend(h).to(self.dtype)).to(x.dtype)
         h = self.norm2(x).to(self.dtype)
         act = nn.functional.silu(self.gate_proj(h)) * self.up_proj(h)
         down = self.down_proj(act.to(self.down_proj.weight.dtype))
         return x.to(down.dtype) + down  # float32 from the first fp32 down_proj on
 
-
-def check_rotary(rotary: nn.Module, cfg: VisionConfig) -> None:
-    """The host computes the rotary tables (vision_meta); refuse a tower whose frequencies differ from them."""
-    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
-    if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
-        raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
-                         f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
-
-
-def patch_linear(patch_embed: nn.Module, cfg: VisionConfig, dtype: torch.dtype) -> nn.Linear:
-    """The patch embedding's Conv3d (kernel == stride over one row of pixel_values) as the Linear it is."""
-    linear = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, device="meta")
-    linear.weight = nn.Parameter(patch_embed.proj.weight.detach().reshape(cfg.hidden_size, -1).to(dtype),
-                                 requires_grad=False)
-    return linear
-
-
-class VisionGraph(nn.Module):
-    """transformers' Qwen2_5_VisionTransformerPretrainedModel as a function of pixel_values + host metadata."""
-
-    def __init__(self, visual: nn.Module, cfg: VisionConfig, dtype: torch.dtype = torch.float32,
-                 fp32_down_proj: Collection[int] = ()):
-        super().__init__()
-        check_rotary(visual.rotary_pos_emb, cfg)
-        self.patch_embed = patch_linear(visual.patch_embed, cfg, dtype)
-        self.blocks = nn.ModuleList(
-            Block(b, cfg.num_heads, dtype, fp32_down=i in fp32_down_proj) for i, b in enumerate(visual.blocks))
-        merger = visual.merger
-        self.ln_q = RMSNorm(merger.ln_q, dtype)
-        self.fc1, self.fc2 = cast_linear(merger.mlp[0], dtype), cast_linear(merger.mlp[2], dtype)
-        self.full = frozenset(cfg.fullatt_block_indexes)
-        self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.dtype = dtype
-
-    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_valid, window_scatter,
-                full_gather):
-        x = self.patch_embed(pixel_values.to(self.dtype))
-        win = (take_rows(rotary_cos, window_gather), take_rows(rotary_sin, window_gather), window_gather,
-               mask_bias(window_valid), window_scatter)
-        layouts = {
-            False: lambda qkv, heads: grouped_attention(qkv, *win, heads),
-            True: lambda qkv, heads: frame_attention_block(qkv, rotary_cos, rotary_sin, full_gather, heads),
-        }
-        for i, block in enumerate(self.blocks):
-            x = block(x, layouts[i in self.full])
-        # Four consecutive patches form one merged unit in the processor's order: no reverse permutation needed.
-        h = self.ln_q(x).to(self.dtype).reshape(-1, self.unit_dim)
-        return self.fc2(nn.functional.gelu(self.fc1(h))).float()
-
-
-def random_pixels(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> np.ndarray:
-    """Random pixel_values rows for images of patch grids `grids`."""
-    rows = int(np.asarray(grids, dtype=np.int64).prod(axis=1).sum())
-    return np.random.default_rng(seed).standard_normal((rows, cfg.patch_dim)).astype(np.float32)
-
-
-def example_inputs(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random pixel_values for `grids` (equally sized frames: one graph call) plus their metadata, in order."""
-    return {"pixel_values": random_pixels(cfg, grids, seed), **vision_inputs(np.asarray(grids, np.int64), cfg)}
-
-
-class VisionPrologue(nn.Module):
-    """Patch embedding plus what every windowed block shares: the rotary tables gathered to the window slots and
-    the windows' key mask as an additive bias (VisionGraph.forward computes the same once per call)."""
-
-    def __init__(self, patch_embed: nn.Module, cfg: VisionConfig, dtype: torch.dtype):
-        super().__init__()
-        self.patch_embed = patch_linear(patch_embed, cfg, dtype)
-        self.dtype = dtype
-
-    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_valid):
-        return (self.patch_embed(pixel_values.to(self.dtype)), take_rows(rotary_cos, window_gather),
-                take_rows(rotary_sin, window_gather), mask_bias(window_valid))
+    def heads_of(self, x):
+        """(rows, heads * hd) -> (rows, heads, hd) float32."""
+        return x.float().reshape(x.shape[0], self.heads, -1)
 
 
 class WindowBlock(Block):
-    """One windowed block as a function of the residual stream and the prologue's window tables."""
+    """A windowed block on one chunk: its rows are `windows` (G, L) whole windows, L rows each."""
 
-    def forward(self, hidden, window_cos, window_sin, window_gather, window_bias, window_scatter):
-        return super().forward(hidden, lambda qkv, heads: grouped_attention(
-            qkv, window_cos, window_sin, window_gather, window_bias, window_scatter, heads))
+    inputs = ("hidden", "rotary_cos", "rotary_sin", "windows")
+
+    def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype, fp32_down: bool):
+        super().__init__(src, heads, dtype, fp32_down)
+        self.qkv = cast_linear(src.attn.qkv, dtype)
+
+    def forward(self, hidden, rotary_cos, rotary_sin, windows):
+        g, length = windows.shape
+
+        def attend(h):
+            q, k, v = self.heads_of(self.qkv(h)).reshape(h.shape[0], 3, self.heads, -1).unbind(1)
+            q, k = rotary(q, rotary_cos, rotary_sin), rotary(k, rotary_cos, rotary_sin)
+            q, k, v = (t.reshape(g, length, self.dim) for t in (q, k, v))
+            return attention(q, k, v, self.heads, self.scale).reshape(-1, self.dim)
+
+        return self.residual(hidden, attend)
 
 
-class FrameBlock(Block):
-    """One full-attention block (attention within each frame)."""
+class KeyValue(Piece_):
+    """A full-attention block's keys and values of one chunk, (heads, rows, hd) float32: the runtime writes them
+    into the frame's (1, heads, F, hd) buffers, the layout MultiHeadAttention reads without a copy."""
 
-    def forward(self, hidden, rotary_cos, rotary_sin, full_gather):
-        return super().forward(hidden, lambda qkv, heads: frame_attention_block(
-            qkv, rotary_cos, rotary_sin, full_gather, heads))
+    inputs = ("hidden", "rotary_cos", "rotary_sin")
+    outputs = ("key", "value")
+
+    def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype):
+        super().__init__()
+        dim = src.attn.proj.in_features
+        self.norm1 = RMSNorm(src.norm1, dtype)
+        self.k = linear_rows(src.attn.qkv, slice(dim, 2 * dim), dtype)
+        self.v = linear_rows(src.attn.qkv, slice(2 * dim, 3 * dim), dtype)
+        self.heads, self.dtype = heads, dtype
+
+    def forward(self, hidden, rotary_cos, rotary_sin):
+        h = self.norm1(hidden).to(self.dtype)
+        k = self.k(h).float().reshape(h.shape[0], self.heads, -1)
+        v = self.v(h).float().reshape(h.shape[0], self.heads, -1)
+        return rotary(k, rotary_cos, rotary_sin).transpose(0, 1), v.transpose(0, 1)
 
 
-class Merger(nn.Module):
-    """Patch merger: RMSNorm, then an MLP over each merged unit of four consecutive patches; float32 out."""
+def head_inputs(heads: int) -> tuple[str, ...]:
+    """key.0 .. key.{heads-1}, value.0 .. : the frame's keys/values one head at a time (runtime.vision)."""
+    return (*(f"key.{h}" for h in range(heads)), *(f"value.{h}" for h in range(heads)))
+
+
+class FullBlock(Block):
+    """A full-attention block on one chunk: its queries attend over the whole frame's keys/values, one head per
+    MultiHeadAttention (see zoomin.runtime.vision on why per head)."""
+
+    def __init__(self, src: nn.Module, heads: int, dtype: torch.dtype, fp32_down: bool):
+        super().__init__(src, heads, dtype, fp32_down)
+        self.q = linear_rows(src.attn.qkv, slice(0, self.dim), dtype)
+        self.inputs = ("hidden", "rotary_cos", "rotary_sin", *head_inputs(heads))
+        self.positional = 3
+
+    def forward(self, hidden, rotary_cos, rotary_sin, *kv):
+        keys, values = kv[:self.heads], kv[self.heads:]
+
+        def attend(h):
+            q = rotary(self.heads_of(self.q(h)), rotary_cos, rotary_sin)  # (rows, heads, hd)
+            out = [attention(q[None, :, i], k, v, 1, self.scale) for i, (k, v) in enumerate(zip(keys, values))]
+            return torch.cat(out, dim=-1).reshape(-1, self.dim)
+
+        return self.residual(hidden, attend)
+
+
+class Merger(Piece_):
+    """Patch merger: RMSNorm, then an MLP over each merged unit of four consecutive rows; float32 out."""
+
+    inputs = ("hidden",)
+    outputs = ("image_embeds",)
 
     def __init__(self, merger: nn.Module, cfg: VisionConfig, dtype: torch.dtype):
         super().__init__()
@@ -259,90 +238,196 @@ class Merger(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(h))).float()
 
 
+def check_rotary(rotary_module: nn.Module, cfg: VisionConfig) -> None:
+    """The host computes the rotary tables (vision_meta); refuse a tower whose frequencies differ from them."""
+    inv_freq = rotary_module.inv_freq.detach().float().cpu().numpy()
+    if not np.allclose(inv_freq, rotary_inv_freq(cfg), rtol=1e-6, atol=0):
+        raise ValueError("vision rotary frequencies differ from zoomin.runtime.vision_meta's (rope_theta "
+                         f"{VISION_ROPE_THETA}); the host-side rotary tables would be wrong")
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"vision precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+def default_fp32_down_proj(cfg: VisionConfig, precision: str) -> tuple[int, ...]:
+    return (cfg.depth - 1,) if precision == "fp16" else ()
+
+
+def tower_pieces(parts: Parts, dtype: torch.dtype, fp32_down_proj: Collection[int]
+                 ) -> Iterator[tuple[str, Piece_, str, torch.dtype]]:
+    """(name, module, structure key, dtype of its `hidden` input) of every piece in order, each built from the
+    parts when it is reached."""
+    cfg = parts.vision
+    check_rotary(parts.vision_rotary(), cfg)
+    yield "patch_embed", PatchEmbed(parts.vision_patch_embed(), cfg, dtype).eval(), "patch_embed", dtype
+    full, hidden = frozenset(cfg.fullatt_block_indexes), dtype
+    for i in range(cfg.depth):
+        src, fp32_down = parts.vision_block(i), i in fp32_down_proj
+        if i in full:
+            yield f"blocks.{i}.kv", KeyValue(src, cfg.num_heads, dtype).eval(), f"kv {hidden}", hidden
+            yield (f"blocks.{i}", FullBlock(src, cfg.num_heads, dtype, fp32_down).eval(),
+                   f"full {hidden} {fp32_down}", hidden)
+        else:
+            yield (f"blocks.{i}", WindowBlock(src, cfg.num_heads, dtype, fp32_down).eval(),
+                   f"window {hidden} {fp32_down}", hidden)
+        del src
+        if fp32_down:
+            hidden = torch.float32  # the residual stream stays float32 from an fp32 down_proj on
+    yield "merger", Merger(parts.vision_merger(), cfg, dtype).eval(), f"merger {hidden}", hidden
+
+
+def stage_groups(pieces: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[list[int]]:
+    """Indices of the pieces ((inputs, outputs) each) that form each stage: a piece writing the keys/values of a
+    full-attention block is a stage of its own (its results are needed whole before the next piece can run);
+    every run of pieces between those is one stage."""
+    groups: list[list[int]] = [[]]
+    for i, (_, outputs) in enumerate(pieces):
+        if "key" in outputs:
+            groups += [[i], []]
+        else:
+            groups[-1].append(i)
+    return [g for g in groups if g]
+
+
+def stage_io(pieces: Sequence[tuple[Sequence[str], Sequence[str]]]) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of a stage of `pieces`: the values it reads before writing them, what its last writer
+    leaves (the residual stream, keys/values or the merged embeddings)."""
+    written: set[str] = set()
+    inputs: list[str] = []
+    for ins, outs in pieces:
+        inputs += [n for n in ins if n not in written and n not in inputs]
+        written |= set(outs)
+    return inputs, list(pieces[-1][1])
+
+
+@dataclass(frozen=True)
+class _Examples:
+    """Example chunk for tracing: 3 windows of 20 rows (rows = 4 x 15 merged units), a frame of 140 patches; no
+    dynamic dimension is 1 or equal to another (torch.export would specialise or equate it)."""
+
+    cfg: VisionConfig
+    windows: int = 3
+    window_len: int = 20
+    frame: int = 140
+
+    def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        cfg, rows, g = self.cfg, self.windows * self.window_len, torch.Generator().manual_seed(0)
+        kv = (1, self.frame, cfg.head_dim)
+        return {**{n: torch.randn(*kv, generator=g) for n in head_inputs(cfg.num_heads)},
+                "pixel_values": torch.randn(rows, cfg.patch_dim, generator=g),
+                "hidden": torch.randn(rows, cfg.hidden_size, generator=g).to(dtype),
+                "rotary_cos": torch.randn(rows, cfg.head_dim, generator=g),
+                "rotary_sin": torch.randn(rows, cfg.head_dim, generator=g),
+                "windows": torch.zeros(self.windows, self.window_len, dtype=torch.int64)}
+
+    def dims(self) -> dict[str, dict]:
+        rows = 4 * torch.export.Dim("merged_units", min=1)
+        windows, window_len = torch.export.Dim("windows", min=1), torch.export.Dim("window_len", min=1)
+        frame = torch.export.Dim("frame_len", min=1)
+        return {**{n: {1: frame} for n in head_inputs(self.cfg.num_heads)}, "pixel_values": {0: rows},
+                "hidden": {0: rows}, "rotary_cos": {0: rows}, "rotary_sin": {0: rows},
+                "windows": {0: windows, 1: window_len}}
+
+
 def vision_pieces(parts: Parts, scratch: Path, *, precision: str = "fp32", opset: int = 18,
                   fp32_down_proj: Collection[int] | None = None) -> Iterator[Piece]:
-    """Export the vision tower into `scratch` one piece at a time: prologue (patch embedding, window tables), each
-    block, merger. A generator, like export_decoder.decoder_pieces: one block's weights are loaded at a time.
+    """Export the vision tower into `scratch` one piece at a time (`tower_pieces`). A generator, like
+    export_decoder.decoder_pieces: one block's weights are loaded at a time.
 
     fp32_down_proj: vision blocks whose MLP down_proj stays float32 in an fp16 graph (default: the last block).
     """
     _check_precision(precision)
     cfg, dtype = parts.vision, PRECISIONS[precision]
     if fp32_down_proj is None:
-        fp32_down_proj = (cfg.depth - 1,) if precision == "fp16" else ()
-    check_rotary(parts.vision_rotary(), cfg)
-    scratch = Path(scratch)
-    # Three equal frames (one call holds equally sized frames), partial edge windows: no dynamic dimension is 1 or
-    # equal to another (torch.export would specialise or equate it).
-    example = {k: torch.from_numpy(v) for k, v in example_inputs(cfg, [(1, 10, 14)] * 3).items()}
-    units = torch.export.Dim("merged_units", min=1)
-    patches = cfg.spatial_merge_size**2 * units
-    windows, frames, frame_len = (torch.export.Dim(n, min=1) for n in ("windows", "frames", "frame_len"))
-    attention_onnx = {torch.ops.zoomin.frame_attention.default: _frame_attention_onnx}
-    exporter = PieceExporter()
-
-    def piece(name, key, module, inputs: dict, outputs: list[str], dims: tuple, **kwargs) -> Piece:
-        path = exporter.export(key, module, tuple(inputs.values()), scratch / f"{name}.onnx",
-                               input_names=list(inputs), output_names=outputs, dynamic_shapes=dims, opset=opset,
-                               **kwargs)
-        return Piece(name, path, {n: n for n in inputs}, {o: o.removesuffix("_out") for o in outputs})
-
-    names = ["pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_valid"]
-    prologue = VisionPrologue(parts.vision_patch_embed(), cfg, dtype).eval()
-    yield piece("prologue", "prologue", prologue, {n: example[n] for n in names},
-                ["hidden", "window_cos", "window_sin", "window_bias"],
-                ({0: patches}, {0: patches}, {0: patches}, {0: windows}, {0: windows}))
-    with torch.no_grad():
-        hidden, window_cos, window_sin, window_bias = prologue(*(example[n] for n in names))
-    del prologue
-
-    full = frozenset(cfg.fullatt_block_indexes)
-    for i in range(cfg.depth):
-        kind = FrameBlock if i in full else WindowBlock
-        block = kind(parts.vision_block(i), cfg.num_heads, dtype, fp32_down=i in fp32_down_proj).eval()
-        if i in full:
-            yield piece(f"blocks.{i}", ("frame", hidden.dtype, i in fp32_down_proj), block,
-                        {"hidden": hidden, **{n: example[n] for n in ("rotary_cos", "rotary_sin", "full_gather")}},
-                        ["hidden_out"], ({0: patches}, {0: patches}, {0: patches}, {0: frames, 1: frame_len}),
-                        custom_translation_table=attention_onnx)
-        else:
-            yield piece(f"blocks.{i}", ("window", hidden.dtype, i in fp32_down_proj), block,
-                        {"hidden": hidden, "window_cos": window_cos, "window_sin": window_sin,
-                         "window_gather": example["window_gather"], "window_bias": window_bias,
-                         "window_scatter": example["window_scatter"]},
-                        ["hidden_out"], ({0: patches}, {0: windows}, {0: windows}, {0: windows}, {0: windows},
-                                         {0: patches}))
-        del block
-        if i in fp32_down_proj:
-            hidden = hidden.float()  # the residual stream stays float32 from an fp32 down_proj on
-
-    def name_output(model: ir.Model) -> None:
-        model.graph.outputs[0].shape = ir.Shape([ir.SymbolicDim("merged_units"), cfg.out_hidden_size])
-
-    yield piece("merger", ("merger", hidden.dtype), Merger(parts.vision_merger(), cfg, dtype).eval(),
-                {"hidden": hidden}, ["image_embeds"],
-                ({0: patches},), finalize=name_output)
+        fp32_down_proj = default_fp32_down_proj(cfg, precision)
+    examples, exporter = _Examples(cfg), PieceExporter()
+    dims = examples.dims()
+    for name, module, key, hidden_dtype in tower_pieces(parts, dtype, fp32_down_proj):
+        example = examples.tensors(hidden_dtype)
+        outputs = [STAGE_OUTPUTS[o] for o in module.outputs]
+        path = exporter.export(key, module, tuple(example[n] for n in module.inputs), Path(scratch) / f"{name}.onnx",
+                               input_names=list(module.inputs), output_names=outputs,
+                               dynamic_shapes=module.dynamic_shapes(dims), opset=opset,
+                               custom_translation_table=ATTENTION_ONNX)
+        yield Piece(name, path, {n: n for n in module.inputs}, dict(zip(outputs, module.outputs)))
+        del module
 
 
-def export_vision(model, out_path: Path, *, precision: str = "fp32", opset: int = 18,
+def stitch_stages(pieces: Sequence[Piece], out_dir: Path) -> Path:
+    """The stage graphs out_dir/stage{k}.onnx (+ .data) of the tower's pieces, in order (`stage_groups`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("stage*.onnx*"):
+        old.unlink()
+    io = [(list(p.inputs.values()), list(p.outputs.values())) for p in pieces]
+    for k, group in enumerate(stage_groups(io)):
+        inputs, outputs = stage_io([io[i] for i in group])
+        stitch([pieces[i] for i in group], out_dir / f"stage{k}.onnx", inputs=inputs, outputs=outputs,
+               output_names=[STAGE_OUTPUTS[o] for o in outputs])
+    return out_dir
+
+
+def export_vision(model, out_dir: Path, *, precision: str = "fp32", opset: int = 18,
                   fp32_down_proj: Collection[int] | None = None, on_piece: PieceHook | None = None) -> Path:
-    """Write `out_path` (+ `out_path.data`, the weights) for a transformers Qwen2_5_VLForConditionalGeneration or
-    a checkpoint's parts (zoomin.build.weights): exported piece by piece (`vision_pieces`) and stitched; `on_piece`
-    may replace each piece as it is made (see export_decoder.export_decoder).
-    """
+    """Write the stage graphs into the directory `out_dir` for a transformers Qwen2_5_VLForConditionalGeneration
+    or a checkpoint's parts (zoomin.build.weights): exported piece by piece (`vision_pieces`) and stitched into
+    stages; `on_piece` may replace each piece as it is made (see export_decoder.export_decoder)."""
     _check_precision(precision)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.pieces.", dir=out_path.parent) as scratch:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.pieces.", dir=out_dir.parent) as scratch:
         pieces = [on_piece(p) if on_piece else p
                   for p in vision_pieces(as_parts(model), Path(scratch), precision=precision, opset=opset,
                                          fp32_down_proj=fp32_down_proj)]
-        return stitch(pieces, out_path, inputs=["pixel_values", *META_NAMES], outputs=["image_embeds"])
+        return stitch_stages(pieces, out_dir)
+
+
+class TorchStage:
+    """Pieces of one stage run in torch, callable like zoomin.runtime.vision.Stage (numpy in, numpy out)."""
+
+    def __init__(self, modules: Sequence[Piece_], device: torch.device):
+        self.modules, self.device = list(modules), device
+        inputs, outputs = stage_io([(m.inputs, m.outputs) for m in self.modules])
+        self.inputs, self.names = tuple(inputs), outputs
+        self.outputs = tuple(STAGE_OUTPUTS[o] for o in outputs)
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        space = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device) for n in self.inputs}
+        with torch.no_grad():
+            for m in self.modules:
+                out = m(*(space[n] for n in m.inputs))
+                space.update(zip(m.outputs, out if isinstance(out, tuple) else (out,)))
+        return {STAGE_OUTPUTS[n]: space[n].float().cpu().numpy() if n != "hidden" else space[n].cpu().numpy()
+                for n in self.names}
+
+
+class VisionGraph(nn.Module):
+    """transformers' Qwen2_5_VisionTransformerPretrainedModel as the build's pieces, grouped into the same stages
+    and run by the runtime's scheduler (zoomin.runtime.vision.run_tower) in torch, on any torch device."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float32, fp32_down_proj: Collection[int] = ()):
+        """model: a transformers Qwen2_5_VLForConditionalGeneration or a checkpoint's parts."""
+        super().__init__()
+        parts = as_parts(model)
+        self.pieces = nn.ModuleList(m for _, m, _, _ in tower_pieces(parts, dtype, fp32_down_proj))
+        self.cfg = parts.vision
+
+    def encode(self, pixel_values: np.ndarray, grid_thw, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+        """Like zoomin.runtime.vision.VisionEncoder.encode, on the pieces' device."""
+        device = next(self.parameters()).device
+        pieces = list(self.pieces)
+        stages = [TorchStage([pieces[i] for i in g], device)
+                  for g in stage_groups([(m.inputs, m.outputs) for m in pieces])]
+        return run_tower(stages, np.asarray(pixel_values, np.float32), check_grid(grid_thw, self.cfg), self.cfg,
+                         chunk_rows)
+
+
+def random_pixels(cfg: VisionConfig, grids: Sequence[Sequence[int]], seed: int = 0) -> np.ndarray:
+    """Random pixel_values rows for images of patch grids `grids`."""
+    rows = int(np.asarray(grids, dtype=np.int64).prod(axis=1).sum())
+    return np.random.default_rng(seed).standard_normal((rows, cfg.patch_dim)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -352,9 +437,10 @@ class VisionParity:
     seconds: float  # onnxruntime encode time
 
 
-def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS, *,
+def vision_parity(model: nn.Module, vision_dir: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS, *,
                   seed: int = 0, encoder: VisionEncoder | None = None) -> VisionParity:
-    """Run the ONNX graph and transformers' `model.model.visual` on the same random pixels, all grids in one call.
+    """Run the ONNX stage graphs and transformers' `model.model.visual` on the same random pixels, all grids in
+    one call.
 
     model: a Qwen2_5_VLForConditionalGeneration or just its vision tower (zoomin.build.weights' vision_tower).
     """
@@ -364,12 +450,12 @@ def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[in
     pixels = random_pixels(cfg, grid, seed)
     with torch.no_grad():  # what get_image_features splits per image for the language model
         ref = visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid)).pooler_output.float().numpy()
-    encoder = encoder or VisionEncoder(onnx_path, cfg)
+    encoder = encoder or VisionEncoder(vision_dir, cfg)
     t0 = time.perf_counter()
     out = encoder.encode(pixels, grid)
     seconds = time.perf_counter() - t0
     if out.shape != ref.shape:
-        raise AssertionError(f"{onnx_path}: image_embeds shape {out.shape} != transformers {ref.shape}")
+        raise AssertionError(f"{vision_dir}: image_embeds shape {out.shape} != transformers {ref.shape}")
     diff = out.astype(np.float64) - ref
     return VisionParity(
         max_rel_err=float(np.abs(diff).max() / np.abs(ref).max()),
@@ -378,6 +464,6 @@ def vision_parity(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[in
     )
 
 
-def check_vision(model: nn.Module, onnx_path: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS) -> float:
-    """Max relative error (max|a-b| / max|b|) of the ONNX vision graph against transformers, for build reports."""
-    return vision_parity(model, onnx_path, grids).max_rel_err
+def check_vision(model: nn.Module, vision_dir: Path, grids: Sequence[Sequence[int]] = CHECK_GRIDS) -> float:
+    """Max relative error (max|a-b| / max|b|) of the ONNX vision graphs against transformers, for build reports."""
+    return vision_parity(model, vision_dir, grids).max_rel_err

@@ -10,23 +10,27 @@ MatMuls, softmax, norms and rotary stay float32 in every precision.
   int8  both graphs: dynamic int8 (quantize_dynamic): int8 weights per output channel, activations quantized
         per tensor at run time (DynamicQuantizeLinear + MatMulInteger). ORT CPU and CUDA.
   int4  decoder: MatMulNBits 4-bit block-wise weights (block 32/64/128), found by GPTQ on the calibration
-        activations (default), HQQ (data-free) or plain round-to-nearest; lm_head in 8-bit blocks, because the
-        verdict score is read straight off its logits. Vision: dynamic int8 as in int8 (the tower is ~9% of a
-        7B's weights, so 4 bits would save little on the part whose features carry the boxes). ORT CPU, CUDA.
+        activations (default), HQQ (data-free) or plain round-to-nearest; the lm_head in `lm_head_bits`
+        (default 4) blocks of the same size, by GPTQ with GPTQ, else by round-to-nearest (HQQ's float zero points
+        have no embedding gather). With tied embeddings its codes are the embedding table too
+        (zoomin.build.embedding_table): GPTQ tunes them for the head, and still wins with the table replayed
+        (small, tied: KL 3.2e-4 against 5.9e-4 for an RTN head; table row error 0.087 against 0.080).
+        Vision: dynamic int8 as in int8 (the tower is ~9% of a 7B's weights, so 4 bits would save little on the
+        part whose features carry the boxes). ORT CPU, CUDA.
   fp8   both graphs: QDQ float8 e4m3fn on the two inputs of every weight MatMul, weight scales per output
         channel and activation scales per tensor, both amax / 448 over the weights / calibration activations;
         opset 19. The form TensorRT builds FP8 engines from; ORT CPU executes the Q/DQ pairs as written
         (slowly), which is how drift is measured.
 
-The token embedding is not a graph: it stays a memory-mapped .npy that the runtime gathers rows from, stored
-fp16 in quantized engines (half the fp32 bytes, rounding 2^-11 relative; only touched rows are ever read, so its
-size costs disk, not memory bandwidth). An int8 table would need a dequantizing gather in the runtime.
+The token embedding table is block-quantized too in int8 and int4 engines (zoomin.build.embedding_table, with
+the `BlockCodes` below); fp8 engines keep an fp16 table.
 
 Written here, because onnxruntime.quantization (1.32) does not do it for this model:
 - `gemms_to_matmuls`: the vision exporter emits its linears as Gemm; the dynamic and weight-only quantizers only
   take MatMul.
-- `gptq_codes` + `matmulnbits_node`: onnxruntime's GPTQ reduces to round-to-nearest (see gptq_codes), and its
-  MatMulNBits packer fails on zero points when a row has an odd number of blocks (e.g. K = 96, block 32).
+- `gptq_codes`, `rtn_codes` + `matmulnbits_node`: onnxruntime's GPTQ reduces to round-to-nearest (see
+  gptq_codes), and its MatMulNBits packer fails on zero points when a row has an odd number of blocks (e.g.
+  K = 96, block 32); the lm_head's layout must be known exactly to share it with the embedding gather.
 - `fp8_overrides`: amax scales instead of onnxruntime's standard-deviation ones (see there), passed to
   quantize_static as its TensorQuantOverrides.
 """
@@ -49,7 +53,7 @@ QUANT_PRECISIONS = ("int8", "int4", "fp8")
 INT4_ALGOS = ("gptq", "hqq", "rtn")
 BLOCK_SIZES = (32, 64, 128)
 FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
-LM_HEAD_BITS = 8
+LM_HEAD_BITS = (4, 8)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less room for the graph itself
 
@@ -57,8 +61,9 @@ PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less room for the graph itse
 @dataclass(frozen=True)
 class QuantConfig:
     precision: str
-    block_size: int = 32  # int4 (and int4's 8-bit lm_head) weights per scale
+    block_size: int = 32  # int4 (and int4's lm_head) weights per scale
     int4_algo: str = "gptq"
+    lm_head_bits: int = 4  # int4: the lm_head's (and a tied embedding table's) bits
 
     def __post_init__(self) -> None:
         if self.precision not in QUANT_PRECISIONS:
@@ -67,6 +72,9 @@ class QuantConfig:
             raise BuildError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if self.int4_algo not in INT4_ALGOS:
             raise BuildError(f"--int4-algo must be one of {', '.join(INT4_ALGOS)}, got {self.int4_algo!r}")
+        if self.lm_head_bits not in LM_HEAD_BITS:
+            raise BuildError(f"lm_head bits must be one of {', '.join(map(str, LM_HEAD_BITS))}, "
+                             f"got {self.lm_head_bits}")
 
     @property
     def export_opset(self) -> int | None:
@@ -74,15 +82,16 @@ class QuantConfig:
         return FP8_OPSET if self.precision == "fp8" else None
 
     def describe(self) -> dict[str, str]:
+        """How each graph is quantized (the embedding table describes itself: embedding_table.describe)."""
         if self.precision == "int8":
             dec = "dynamic int8 (MatMulInteger), int8 weights per output channel"
         elif self.precision == "int4":
             dec = (f"MatMulNBits 4-bit, block {self.block_size}, {self.int4_algo.upper()}; lm_head MatMulNBits "
-                   f"{LM_HEAD_BITS}-bit block {self.block_size}")
+                   f"{self.lm_head_bits}-bit block {self.block_size}, {'GPTQ' if self.int4_algo == 'gptq' else 'RTN'}")
         else:
             dec = "QDQ float8 e4m3fn, amax scales per weight channel and per activation tensor"
         vis = dec if self.precision == "fp8" else "dynamic int8 (MatMulInteger), int8 weights per output channel"
-        return {"decoder": dec, "vision": vis, "embed_tokens": "fp16 table (runtime gathers rows)"}
+        return {"decoder": dec, "vision": vis}
 
 
 def quantize_graph(role: str, src: Path, dst: Path, cfg: QuantConfig, feeds: Sequence[dict[str, np.ndarray]],
@@ -148,7 +157,8 @@ def quantize_fp8(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], s
 
 def quantize_int4(src: Path, dst: Path, cfg: QuantConfig, feeds: Sequence[dict[str, np.ndarray]], scratch: Path,
                   *, vocab_size: int | None) -> None:
-    """lm_head to 8-bit blocks (RTN), then every other weight MatMul to 4-bit blocks with cfg.int4_algo."""
+    """lm_head to cfg.lm_head_bits blocks, every other weight MatMul to 4-bit blocks, with cfg.int4_algo (the
+    lm_head RTN unless GPTQ: HQQ's float zero points have no embedding gather)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -160,19 +170,20 @@ def quantize_int4(src: Path, dst: Path, cfg: QuantConfig, feeds: Sequence[dict[s
     targets = weight_matmuls(model)
     heads = [n for n, w in targets.items() if vocab_size is not None and w.shape[-1] == vocab_size]
     body = [n for n in targets if n not in heads]
-    if heads:
-        head = MatMulNBitsQuantizer(model, bits=LM_HEAD_BITS, block_size=cfg.block_size, is_symmetric=True,
-                                    nodes_to_exclude=body)
-        head.process()
-        model = head.model.model
     if cfg.int4_algo == "gptq":
-        hessians = input_hessians(model, [targets[n] for n in body], feeds, scratch)
+        hessians = input_hessians(model, list(targets.values()), feeds, scratch)
+        gptq_to_matmulnbits(model, heads, hessians, cfg.block_size, cfg.lm_head_bits)
         gptq_to_matmulnbits(model, body, hessians, cfg.block_size)
     else:
+        inits = {t.name: t for t in model.graph.initializer}
+        for name in heads:
+            weight = onnx.numpy_helper.to_array(inits[targets[name].weight])
+            replace_with_matmulnbits(model, name, rtn_codes(weight.T, cfg.block_size, cfg.lm_head_bits))
+            del weight
+        del inits
         algo = (HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4) if cfg.int4_algo == "hqq"
                 else DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=False, bits=4))
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, algo_config=algo,
-                                         nodes_to_exclude=heads)
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, algo_config=algo)
         quantizer.process()
         model = quantizer.model.model
     set_accuracy_level(model, INT4_ACCURACY_LEVEL)
@@ -365,58 +376,128 @@ def gptq_codes(weight: np.ndarray, factor: tuple[np.ndarray, np.ndarray], block_
     return codes, scales, zeros.astype(np.uint8)
 
 
-def matmulnbits_node(node, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int):
-    """A com.microsoft MatMulNBits (4-bit) node + initializers replacing MatMul `node`, from GPTQ's codes.
+@dataclass
+class BlockCodes:
+    """Block-wise asymmetric codes of a MatMul weight W (K, N), one row per output channel n (a vocabulary entry
+    for the lm_head, which makes a row of the embedding table when the two are tied):
+    W[k, n] = (codes[n, k] - zeros[n, k // block]) * scales[n, k // block], in float32 — MatMulNBits'
+    dequantization, and GatherBlockQuantized's (the embedding gather), bit for bit.
+    """
 
-    Layout per the contrib op: B (N, blocks, block_size / 2) with element k of a block in byte k // 2, low
-    nibble first (K padded with zero codes); scales (N, blocks); zero points (N, ceil(blocks / 2)) packed alike.
+    codes: np.ndarray  # (N, blocks, block) uint8 in [0, 2^bits), K zero-padded to blocks * block
+    scales: np.ndarray  # (N, blocks) float32
+    zeros: np.ndarray  # (N, blocks) uint8
+    k: int
+    bits: int
+
+    @property
+    def block_size(self) -> int:
+        return self.codes.shape[2]
+
+    @classmethod
+    def from_columns(cls, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int,
+                     bits: int = 4) -> "BlockCodes":
+        """From gptq_codes' layout: codes (K, N), scales and zeros (blocks, N)."""
+        k, n = codes.shape
+        blocks = scales.shape[0]
+        padded = np.zeros((blocks * block_size, n), np.uint8)
+        padded[:k] = codes
+        return cls(np.ascontiguousarray(padded.T).reshape(n, blocks, block_size), np.ascontiguousarray(scales.T),
+                   np.ascontiguousarray(zeros.T), k, bits)
+
+    def packed(self) -> np.ndarray:
+        """MatMulNBits' B (N, blocks, block * bits / 8): element k of a block in byte k * bits // 8, low nibble
+        first for 4 bits."""
+        c = self.codes
+        return c.copy() if self.bits == 8 else (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_zeros(self) -> np.ndarray:
+        """Zero points (N, ceil(blocks * bits / 8)), packed like the codes (a row's odd last nibble is 0)."""
+        if self.bits == 8:
+            return self.zeros.copy()
+        n, blocks = self.zeros.shape
+        z = np.zeros((n, blocks + blocks % 2), np.uint8)
+        z[:, :blocks] = self.zeros
+        return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        """W (K, N) float32 as MatMulNBits computes it."""
+        w = (self.codes.astype(np.float32) - self.zeros[..., None].astype(np.float32)) * self.scales[..., None]
+        return np.ascontiguousarray(w.reshape(len(w), -1)[:, :self.k].T)
+
+
+def rtn_codes(rows: np.ndarray, block_size: int, bits: int, chunk: int = 8192) -> BlockCodes:
+    """Round-to-nearest BlockCodes of the rows (N, K) of a weight's transpose (for the lm_head: the (vocab, hidden)
+    table), `chunk` rows at a time; the same scales, zero points and rounding as gptq_codes without feedback."""
+    n, k = rows.shape
+    qmax = 2**bits - 1
+    blocks = -(-k // block_size)
+    codes = np.empty((n, blocks, block_size), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    zeros = np.empty((n, blocks), np.uint8)
+    for s in range(0, n, chunk):
+        w = np.zeros((min(chunk, n - s), blocks * block_size), np.float32)
+        w[:, :k] = rows[s:s + chunk]
+        w = w.reshape(len(w), blocks, block_size)
+        lo, hi = np.minimum(w.min(-1), 0.0), np.maximum(w.max(-1), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, qmax)
+        codes[s:s + chunk] = np.clip(np.round(w / scale[..., None]) + zero[..., None], 0, qmax)
+        scales[s:s + chunk], zeros[s:s + chunk] = scale, zero
+    return BlockCodes(codes, scales, zeros, k, bits)
+
+
+def matmulnbits_node(node, q: BlockCodes):
+    """A com.microsoft MatMulNBits node + initializers replacing MatMul `node` (weight input[1]) by `q`.
+
+    Layout per the contrib op: B (N, blocks, block * bits / 8) (K padded with zero codes), scales (N, blocks),
+    zero points (N, ceil(blocks * bits / 8)): `BlockCodes.packed` / `packed_zeros`.
     """
     import onnx
 
-    k, n = codes.shape
-    blocks = scales.shape[0]
-    padded = np.zeros((blocks * block_size, n), np.uint8)
-    padded[:k] = codes
-    b = padded.T.reshape(n, blocks, block_size)
-    packed = (b[..., 0::2] | (b[..., 1::2] << 4)).astype(np.uint8)
-    z = np.zeros((n, blocks + blocks % 2), np.uint8)
-    z[:, :blocks] = zeros.T
-    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
-    base = node.input[1]
-    inits = [onnx.numpy_helper.from_array(packed, f"{base}_Q4"),
-             onnx.numpy_helper.from_array(np.ascontiguousarray(scales.T), f"{base}_scales"),
-             onnx.numpy_helper.from_array(zp, f"{base}_zero_points")]
+    base = f"{node.input[1]}_Q{q.bits}"
+    inits = [onnx.numpy_helper.from_array(q.packed(), base),
+             onnx.numpy_helper.from_array(q.scales, f"{base}_scales"),
+             onnx.numpy_helper.from_array(q.packed_zeros(), f"{base}_zero_points")]
     new = onnx.helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in inits)], list(node.output),
-                                name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
-                                block_size=block_size)
+                                name=f"{node.name}_Q{q.bits}", domain="com.microsoft", K=q.k, N=len(q.codes),
+                                bits=q.bits, block_size=q.block_size)
     return new, inits
 
 
-def gptq_to_matmulnbits(model, nodes: Sequence[str], hessians: dict[str, np.ndarray], block_size: int) -> None:
-    """Replace the named MatMuls in `model` (in place) by GPTQ-quantized MatMulNBits."""
+def replace_with_matmulnbits(model, name: str, q: BlockCodes) -> None:
+    """Replace MatMul node `name` in `model` (in place) by MatMulNBits `q`; drops the float weight."""
+    import onnx
+
+    node = next(n for n in model.graph.node if n.name == name)
+    weight = node.input[1]
+    new, inits = matmulnbits_node(node, q)
+    node.CopyFrom(new)
+    model.graph.initializer.extend(inits)
+    if not any(weight in n.input for n in model.graph.node):
+        index = next(i for i, t in enumerate(model.graph.initializer) if t.name == weight)
+        del model.graph.initializer[index]  # in place: rebuilding the list would copy every weight
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
+def gptq_to_matmulnbits(model, nodes: Sequence[str], hessians: dict[str, np.ndarray], block_size: int,
+                        bits: int = 4) -> None:
+    """Replace the named MatMuls in `model` (in place) by GPTQ-quantized `bits`-bit MatMulNBits."""
     import onnx
 
     targets = weight_matmuls(model)
     inits = {t.name: t for t in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node}
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # q/k/v (and gate/up) share their input's factor
     for name in nodes:
         t = targets[name]
-        node = by_name[name]
         if t.input not in factors:
             factors[t.input] = hessian_factor(hessians.pop(t.input))
-        codes, scales, zeros = gptq_codes(onnx.numpy_helper.to_array(inits[t.weight]), factors[t.input], block_size)
+        codes, scales, zeros = gptq_codes(onnx.numpy_helper.to_array(inits[t.weight]), factors[t.input], block_size,
+                                          bits)
         if all(targets[m].input != t.input for m in nodes[nodes.index(name) + 1:]):
             del factors[t.input]  # last user of this input: free the K x K factor
-        new, new_inits = matmulnbits_node(node, codes, scales, zeros, block_size)
-        node.CopyFrom(new)
-        model.graph.initializer.extend(new_inits)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        replace_with_matmulnbits(model, name, BlockCodes.from_columns(codes, scales, zeros, block_size, bits))
 
 
 def _save(model, dst: Path) -> None:

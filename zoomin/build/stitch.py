@@ -137,8 +137,9 @@ class StitchError(ValueError):
 
 
 def stitch(pieces: Sequence[Piece], out_path: Path, *, inputs: Sequence[str], outputs: Sequence[str],
-           name: str = "main_graph") -> Path:
-    """One graph from `pieces`, run in order: graph inputs `inputs`, outputs `outputs` (namespace names, in order).
+           name: str = "main_graph", output_names: Sequence[str] | None = None) -> Path:
+    """One graph from `pieces`, run in order: graph inputs `inputs`, outputs `outputs` (namespace names, in order),
+    named `output_names` if given (an output cannot share a name with an input: a stage reads and writes `hidden`).
 
     A piece input whose namespace value is not produced yet becomes a graph input (and must be in `inputs`).
     Internal values and initializers are prefixed with the piece name; symbolic dims that a piece's interface does
@@ -198,9 +199,11 @@ def stitch(pieces: Sequence[Piece], out_path: Path, *, inputs: Sequence[str], ou
         raise StitchError(f"no piece produces {missing}" if missing else f"no piece reads graph inputs {unused}")
     order = list(inputs)
     graph.inputs.sort(key=lambda v: order.index(v.name))
-    for out_name in outputs:
+    for out_name, graph_name in zip(outputs, output_names or outputs, strict=True):
         value = space[out_name]
-        value.name = out_name
+        if value in graph.inputs:
+            raise StitchError(f"output {out_name!r} is the graph input itself: no piece writes it")
+        value.name = graph_name
         graph.outputs.append(value)
     model.opset_imports.update(opsets)
     graph.opset_imports.update(opsets)

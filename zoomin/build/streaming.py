@@ -23,12 +23,13 @@ from __future__ import annotations
 import gc
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.vision_meta import graph_feeds
+from ..runtime.vision_meta import Chunk, check_grid, chunk_inputs, patch_positions, vision_plan
 from .calibration import Recording, VisionCall
 from .quantize import QuantConfig, quantize_graph
 from .stitch import Piece
@@ -96,25 +97,51 @@ class StreamedQuantizer:
         """What a role does with a piece's float32 results before the piece is quantized and dropped."""
 
 
-def vision_spaces(calls: Sequence[VisionCall], cfg) -> tuple[list[Namespace], list[int]]:
-    """One namespace per vision graph call (runs of equally sized images), and how many each recorded call has."""
-    spaces, counts = [], []
-    for call in calls:
-        feeds = graph_feeds(call.pixels, call.grid, cfg)
-        spaces += [dict(f) for f in feeds]
-        counts.append(len(feeds))
-    return spaces, counts
+@dataclass(frozen=True)
+class ChunkOf:
+    """Where a vision namespace's chunk belongs: recorded call, frame (numbered over all calls) and the chunk."""
+
+    call: int
+    frame: int
+    chunk: Chunk
 
 
-def vision_features(spaces: Sequence[Namespace], counts: Sequence[int], calls: Sequence[VisionCall]
+def vision_spaces(calls: Sequence[VisionCall], cfg) -> tuple[list[Namespace], list[ChunkOf]]:
+    """One namespace per chunk of every recorded call (zoomin.runtime.vision_meta.vision_plan), and where each
+    belongs."""
+    spaces, where, frame_id = [], [], 0
+    for c, call in enumerate(calls):
+        grid = check_grid(call.grid, cfg)
+        positions = patch_positions(grid, cfg.spatial_merge_size)
+        for frame in vision_plan(grid, cfg):
+            for chunk in frame.chunks:
+                spaces.append({"pixel_values": call.pixels[chunk.patches], **chunk_inputs(chunk, positions, cfg)})
+                where.append(ChunkOf(c, frame_id, chunk))
+            frame_id += 1
+    return spaces, where
+
+
+def gather_frames(spaces: Sequence[Namespace], where: Sequence[ChunkOf], names: Sequence[str]) -> None:
+    """A key/value piece wrote each chunk's (heads, rows, hd) rows under `names`: give every chunk its frame's
+    whole keys/values per head, `{name}.{h}` (1, F, hd), as the runtime feeds them to the next piece."""
+    frames: dict[int, list[int]] = {}
+    for i, w in enumerate(where):
+        frames.setdefault(w.frame, []).append(i)
+    for members in frames.values():  # a frame's chunks are consecutive rows in plan order
+        for name in names:
+            whole = np.concatenate([spaces[i].pop(name) for i in members], axis=1)[:, None]
+            for i in members:
+                spaces[i].update({f"{name}.{h}": head for h, head in enumerate(whole)})
+
+
+def vision_features(spaces: Sequence[Namespace], where: Sequence[ChunkOf], calls: Sequence[VisionCall], cfg
                     ) -> list[VisionCall]:
     """The recorded vision calls with the float32 features the streamed pass computed for them."""
-    out, i = [], 0
-    for call, n in zip(calls, counts):
-        embeds = np.concatenate([spaces[j]["image_embeds"] for j in range(i, i + n)])
-        out.append(VisionCall(call.pixels, call.grid, embeds))
-        i += n
-    return out
+    out = [np.empty((len(call.pixels) // cfg.spatial_merge_size**2, cfg.out_hidden_size), np.float32)
+           for call in calls]
+    for space, w in zip(spaces, where):
+        out[w.call][w.chunk.units] = space["image_embeds"]
+    return [VisionCall(call.pixels, call.grid, embeds) for call, embeds in zip(calls, out)]
 
 
 class DecoderQuantizer(StreamedQuantizer):
@@ -145,23 +172,26 @@ class VisionQuantizer(StreamedQuantizer):
     """Vision pieces on every recorded vision call; the merger's outputs are the calls' float32 features."""
 
     def __init__(self, calls: Sequence[VisionCall], cfg, *args, **kwargs):
-        spaces, self.counts = vision_spaces(calls, cfg)
+        spaces, self.where = vision_spaces(calls, cfg)
         super().__init__("vision", spaces, *args, **kwargs)
-        self.calls = list(calls)
+        self.calls, self.cfg = list(calls), cfg
         self.features: list[VisionCall] = []
 
     def after_run(self, piece: Piece, feeds: list[dict[str, np.ndarray]]) -> None:
+        if "key" in piece.outputs.values():
+            gather_frames(self.spaces, self.where, ("key", "value"))
         if piece.name == "merger":
-            self.features = vision_features(self.spaces, self.counts, self.calls)
+            self.features = vision_features(self.spaces, self.where, self.calls, self.cfg)
 
 
 def _opset(quant: QuantConfig) -> dict:
     return {"opset": quant.export_opset} if quant.export_opset else {}
 
 
-def quantize_vision(parts, out_path: Path, calls: Sequence[VisionCall], quant: QuantConfig, scratch: Path, *,
+def quantize_vision(parts, out_dir: Path, calls: Sequence[VisionCall], quant: QuantConfig, scratch: Path, *,
                     reference: Path | None = None) -> VisionQuantizer:
-    """Export the vision tower to `out_path` quantized, each block calibrated on the recorded `calls`.
+    """Export the vision tower's stage graphs into `out_dir` quantized, each block calibrated on the recorded
+    `calls`.
 
     The returned hook holds the calls with their float32 features (`features`), the fp32 pieces' bytes
     (`fp32_bytes`) and, with `reference`, the fp32 pieces kept there (`reference_pieces`).
@@ -169,7 +199,7 @@ def quantize_vision(parts, out_path: Path, calls: Sequence[VisionCall], quant: Q
     from .export_vision import export_vision
 
     hook = VisionQuantizer(calls, parts.vision, quant, scratch, vocab_size=parts.text.vocab_size, reference=reference)
-    export_vision(parts, out_path, on_piece=hook, **_opset(quant))
+    export_vision(parts, out_dir, on_piece=hook, **_opset(quant))
     hook.spaces = []
     return hook
 
@@ -177,16 +207,16 @@ def quantize_vision(parts, out_path: Path, calls: Sequence[VisionCall], quant: Q
 def quantize_decoder(parts, out_path: Path, rec: Recording, quant: QuantConfig, scratch: Path, *,
                      reference: Path | None = None, check: Callable[[Piece], Piece] | None = None
                      ) -> DecoderQuantizer:
-    """Export the decoder to `out_path` quantized, each layer calibrated on one prefill per recorded conversation;
-    fills in the recording's float32 logits (see `quantize_vision` for the returned hook). `check` sees each fp32
-    piece first (layer_parity.DecoderLayerParity)."""
+    """Export the decoder to `out_path` quantized (graph flavour export_decoder.graph_for(precision)), each layer
+    calibrated on one prefill per recorded conversation; fills in the recording's float32 logits (see
+    `quantize_vision` for the returned hook). `check` sees each fp32 piece first (layer_parity.DecoderLayerParity)."""
     from .calibration import decoder_feeds
-    from .export_decoder import export_decoder
+    from .export_decoder import export_decoder, graph_for
 
-    t = parts.text
-    spaces = decoder_feeds(rec, t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+    t, graph = parts.text, graph_for(quant.precision)
+    spaces = decoder_feeds(rec, t.num_hidden_layers, t.num_key_value_heads, t.head_dim, graph)
     hook = DecoderQuantizer(rec, spaces, quant, scratch, vocab_size=t.vocab_size, reference=reference)
-    export_decoder(parts, out_path, on_piece=hook if check is None else lambda piece: hook(check(piece)),
+    export_decoder(parts, out_path, graph=graph, on_piece=hook if check is None else lambda piece: hook(check(piece)),
                    **_opset(quant))
     hook.spaces = []
     return hook

@@ -106,6 +106,9 @@ class ModelConfig:
     image: ImageConfig
     tokens: TokenIds
     extra: dict[str, Any] = field(default_factory=dict)
+    # The engine's decoder graph flavour (zoomin.runtime.decoder.DECODER_GRAPHS), set by the build; None (engines
+    # from before the flavours, configs read from a checkpoint): whichever flavour the graph is.
+    decoder_graph: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +126,7 @@ class ModelConfig:
             image=make(ImageConfig, d["image"]),
             tokens=make(TokenIds, d["tokens"]),
             extra=dict(d.get("extra", {})),
+            decoder_graph=d.get("decoder_graph"),
         )
 
     @classmethod

@@ -1,11 +1,16 @@
 """Run the exported Qwen2.5-VL text decoder with a preallocated KV cache that ONNX Runtime reads and writes in place.
 
-The graph (zoomin/build/export_decoder.py) takes the past keys/values in sequence-major layout (B, P, kv_heads,
-head_dim) and returns only the S new rows. With B = 1 the first P rows of a (1, max_len, kv_heads, head_dim)
-buffer are one contiguous block, so IO binding hands ORT a pointer to that prefix as `past_*` and a pointer to rows
-[P, P+S) as `present_*`: the step's new keys land straight in the cache, nothing is copied or reallocated per
-token, and a prefix (e.g. the system prompt) survives any later step untouched, so `truncate(n)` alone rolls a
-cache back to it.
+Two graph flavours (zoomin/build/export_decoder.py), each with its cache layout; the manifest says which one an
+engine holds and `Decoder` checks it against the graph:
+- "gqa": com.microsoft GroupQueryAttention with past_present_share_buffer. Each layer's cache is one head-major
+  buffer (1, kv_heads, max_len, head_dim) bound as both past_key.{i} and present_key.{i}; seqlens_k and
+  total_sequence_length tell the op how many rows are valid after the call, so it writes the S new rows at
+  [P, P+S) itself and reads rows [0, P+S) of every head without any copy or concat.
+- "plain": standard ONNX ops. The cache is sequence-major (1, max_len, kv_heads, head_dim), so with B = 1 the first
+  P rows are one contiguous block: IO binding hands ORT a pointer to that prefix as `past_*` and a pointer to rows
+  [P, P+S) as `present_*`, and the step's new keys land straight in the cache.
+Either way nothing is copied or reallocated per token on the host side, and a prefix (e.g. the system prompt)
+survives any later step untouched, so `truncate(n)` alone rolls a cache back to it.
 
 Buffers are numpy arrays on the CPU, or OrtValues allocated on the device for a GPU execution provider
 (`device="cuda"`); both are bound by raw pointer, so the binding code is the same.
@@ -27,6 +32,12 @@ Buffer = Union[np.ndarray, ort.OrtValue]
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
+DECODER_GRAPHS = ("gqa", "plain")
+# Graph inputs besides embeddings, positions, logits_to_keep and the past, per flavour.
+CACHE_INPUTS = {"gqa": ("seqlens_k", "total_sequence_length"), "plain": ("attention_mask",)}
+# KV buffer layout per flavour: "BNSH" head-major (1, kv_heads, max_len, D), "BSNH" sequence-major.
+CACHE_LAYOUTS = {"gqa": "BNSH", "plain": "BSNH"}
+
 
 class DecoderError(ValueError):
     """Bad decoder input, a graph that does not match the config, or a full KV cache."""
@@ -34,43 +45,53 @@ class DecoderError(ValueError):
 
 @dataclass
 class KVCache:
-    """Per-layer key/value buffers (1, max_len, kv_heads, head_dim); rows [0, length) are valid."""
+    """Per-layer key/value buffers in `layout` ("BNSH": (1, kv_heads, max_len, head_dim), "BSNH":
+    (1, max_len, kv_heads, head_dim)); positions [0, length) are valid."""
 
     keys: list[Buffer]
     values: list[Buffer]
     length: int = 0
     device: str = "cpu"
     device_id: int = 0
+    layout: str = "BSNH"
 
     @classmethod
     def allocate(cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype=np.float32,
-                 device: str = "cpu", device_id: int = 0) -> "KVCache":
+                 device: str = "cpu", device_id: int = 0, layout: str = "BSNH") -> "KVCache":
         if max_len < 1:
             raise DecoderError(f"KV cache max_len must be >= 1, got {max_len}")
-        shape = (1, max_len, kv_heads, head_dim)
+        if layout not in CACHE_LAYOUTS.values():
+            raise DecoderError(f"unknown KV cache layout {layout!r}")
+        shape = (1, kv_heads, max_len, head_dim) if layout == "BNSH" else (1, max_len, kv_heads, head_dim)
 
         def buffer() -> Buffer:
             if device == "cpu":
                 return _anonymous_zeros(shape, dtype)
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
 
-        return cls([buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)], 0, device, device_id)
+        return cls([buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)], 0, device, device_id,
+                   layout)
+
+    @property
+    def seq_axis(self) -> int:
+        return 2 if self.layout == "BNSH" else 1
 
     @property
     def max_len(self) -> int:
-        return _shape(self.keys[0])[1]
+        return _shape(self.keys[0])[self.seq_axis]
 
     @property
     def row_shape(self) -> tuple[int, int]:
         """(kv_heads, head_dim)."""
-        return tuple(_shape(self.keys[0])[2:])
+        shape = _shape(self.keys[0])
+        return (shape[1], shape[3]) if self.layout == "BNSH" else (shape[2], shape[3])
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.keys[0].dtype if self.device == "cpu" else _ORT_TYPES[self.keys[0].data_type()])
 
     def release(self, n: int) -> None:
-        """Give the memory of rows [n, max_len) back to the OS (they read as zeros after); rows [0, n) stay.
+        """Give the memory of positions [n, max_len) back to the OS (they read as zeros after); [0, n) stay.
 
         One large photo writes thousands of rows; without this they stay resident for the life of the process
         even when every later conversation is short. CPU buffers only (device memory is the provider's).
@@ -78,7 +99,7 @@ class KVCache:
         if self.device != "cpu":
             return
         for buf in (*self.keys, *self.values):
-            _release_rows(buf, n)
+            _release_rows(buf, n, self.seq_axis)
 
     def truncate(self, n: int) -> None:
         """Roll back to the first n positions (kept rows are untouched; later steps overwrite the rest)."""
@@ -92,7 +113,7 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise DecoderError(f"prefix length {n} is outside the cache's valid length {self.length}")
         out = KVCache.allocate(len(self.keys), max_len or self.max_len, *self.row_shape, dtype=self.dtype,
-                               device=self.device, device_id=self.device_id)
+                               device=self.device, device_id=self.device_id, layout=self.layout)
         out.load_prefix(self, n)
         return out
 
@@ -102,15 +123,17 @@ class KVCache:
         if not 0 <= n <= src.length or n > self.max_len:
             raise DecoderError(f"cannot load {n} positions from a cache of length {src.length} into max_len "
                                f"{self.max_len}")
-        if (src.row_shape, src.dtype, len(src.keys)) != (self.row_shape, self.dtype, len(self.keys)):
-            raise DecoderError("KV caches differ in layers, heads, head_dim or dtype")
+        if (src.row_shape, src.dtype, len(src.keys), src.layout) != (self.row_shape, self.dtype, len(self.keys),
+                                                                     self.layout):
+            raise DecoderError("KV caches differ in layers, heads, head_dim, dtype or layout")
+        rows = (slice(None),) * self.seq_axis + (slice(0, n),)
         for dst_list, src_list in ((self.keys, src.keys), (self.values, src.values)):
             for i, (dst, s) in enumerate(zip(dst_list, src_list)):
                 if isinstance(dst, np.ndarray):
-                    dst[:, :n] = _host(s)[:, :n]
+                    dst[rows] = _host(s)[rows]
                 else:  # device buffers: ORT's Python API has no device-to-device copy, go through the host once
                     staged = _host(dst)
-                    staged[:, :n] = _host(s)[:, :n]
+                    staged[rows] = _host(s)[rows]
                     dst.update_inplace(staged)
         self.length = n
 
@@ -123,17 +146,23 @@ def _anonymous_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(memory, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def _release_rows(buf: np.ndarray, n: int) -> None:
+def _release_rows(buf: np.ndarray, n: int, seq_axis: int) -> None:
+    """madvise away positions [n, max_len) of every block before `seq_axis` (each head's rows in BNSH)."""
     owner = buf.base
     while isinstance(owner, np.ndarray):
         owner = owner.base
     owner = owner.obj if isinstance(owner, memoryview) else owner  # np.frombuffer holds a view of the mapping
     if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    row_bytes = buf.nbytes // buf.shape[1]
-    start = -(-n * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-    if start < len(owner):
-        owner.madvise(mmap.MADV_DONTNEED, start, len(owner) - start)
+    blocks = int(np.prod(buf.shape[:seq_axis]))
+    block_bytes = buf.nbytes // blocks
+    row_bytes = block_bytes // buf.shape[seq_axis]
+    page = mmap.PAGESIZE
+    for b in range(blocks):
+        start = -(-(b * block_bytes + n * row_bytes) // page) * page  # whole pages only: round inwards
+        end = len(owner) if b == blocks - 1 else (b + 1) * block_bytes // page * page
+        if start < end:
+            owner.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _shape(buf: Buffer) -> tuple[int, ...]:
@@ -148,10 +177,32 @@ def _ptr(buf: Buffer) -> int:
     return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
 
 
-class Decoder:
-    """One step of the text decoder: embeddings + M-RoPE positions in, logits out, KV cache advanced in place."""
+def graph_flavour(input_names) -> str:
+    """Which decoder flavour a graph with these input names is (GroupQueryAttention graphs take seqlens_k)."""
+    return "gqa" if "seqlens_k" in set(input_names) else "plain"
 
-    def __init__(self, session: ort.InferenceSession, config: TextConfig):
+
+def empty_cache_inputs(graph: str, num_layers: int, kv_heads: int, head_dim: int, batch: int, seq: int,
+                       dtype=np.float32) -> dict[str, np.ndarray]:
+    """The cache inputs and (empty) past of a `seq`-token prefill on an empty cache, for a plain session.run
+    (calibration and parity probes feed whole prompts this way; ORT then allocates the presents itself)."""
+    if graph == "gqa":
+        feeds = {"seqlens_k": np.full(batch, seq - 1, np.int32), "total_sequence_length": np.array(seq, np.int32)}
+        empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
+    else:
+        feeds = {"attention_mask": np.ones((batch, seq), np.int64)}
+        empty = np.zeros((batch, 0, kv_heads, head_dim), dtype)
+    feeds.update({f"past_{kind}.{i}": empty for kind in ("key", "value") for i in range(num_layers)})
+    return feeds
+
+
+class Decoder:
+    """One step of the text decoder: embeddings + M-RoPE positions in, logits out, KV cache advanced in place.
+
+    graph: the flavour the engine's manifest declares (None: whichever the graph is).
+    """
+
+    def __init__(self, session: ort.InferenceSession, config: TextConfig, graph: str | None = None):
         self.session = session
         self.config = config
         layers = config.num_hidden_layers
@@ -159,7 +210,14 @@ class Decoder:
         self.present_names = [(f"present_key.{i}", f"present_value.{i}") for i in range(layers)]
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
-        wanted_in = {"inputs_embeds", "position_ids", "attention_mask", "logits_to_keep"}
+        found = graph_flavour(inputs)
+        if graph is not None and graph not in DECODER_GRAPHS:
+            raise DecoderError(f"unknown decoder graph {graph!r}: this runtime binds {', '.join(DECODER_GRAPHS)}; "
+                               f"rebuild the engine with this zoomin")
+        if graph is not None and graph != found:
+            raise DecoderError(f"the manifest declares a {graph} decoder graph but the graph is {found}")
+        self.graph = found
+        wanted_in = {"inputs_embeds", "position_ids", "logits_to_keep", *CACHE_INPUTS[found]}
         wanted_in |= {n for pair in self.past_names for n in pair}
         wanted_out = {"logits"} | {n for pair in self.present_names for n in pair}
         if set(inputs) != wanted_in or set(outputs) != wanted_out:
@@ -168,27 +226,29 @@ class Decoder:
                 f"{sorted(outputs)}"
             )
         kv = inputs["past_key.0"]
-        if kv.type not in _ORT_TYPES or list(kv.shape[2:]) != [config.num_key_value_heads, config.head_dim]:
-            raise DecoderError(f"past_key.0 is {kv.type} {kv.shape}; config wants (B, P, "
-                               f"{config.num_key_value_heads}, {config.head_dim}) float or float16")
+        kvh, d = config.num_key_value_heads, config.head_dim
+        heads_dims = [kv.shape[1], kv.shape[3]] if found == "gqa" else list(kv.shape[2:])
+        if kv.type not in _ORT_TYPES or len(kv.shape) != 4 or heads_dims != [kvh, d]:
+            layout = f"(B, {kvh}, C, {d})" if found == "gqa" else f"(B, P, {kvh}, {d})"
+            raise DecoderError(f"past_key.0 is {kv.type} {kv.shape}; config wants {layout} float or float16")
         self.cache_dtype = np.dtype(_ORT_TYPES[kv.type])
         self._binding = session.io_binding()
-        self._mask = np.ones((1, 0), np.int64)  # grown to the largest cache seen, then sliced per step
+        self._mask = np.ones((1, 0), np.int64)  # plain: grown to the largest cache seen, then sliced per step
         self._logits: dict[int, np.ndarray] = {}  # (1, K, vocab) output buffers, one per K used
 
     @classmethod
     def load(cls, path: str | Path, config: TextConfig, providers: list | None = None,
-             options: ort.SessionOptions | None = None) -> "Decoder":
+             options: ort.SessionOptions | None = None, graph: str | None = None) -> "Decoder":
         path = Path(path)
         if not path.is_file():
             raise DecoderError(f"decoder graph not found: {path}")
         session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        return cls(session, config)
+        return cls(session, config, graph)
 
     def new_cache(self, max_len: int, device: str = "cpu", device_id: int = 0) -> KVCache:
         c = self.config
         return KVCache.allocate(c.num_hidden_layers, max_len, c.num_key_value_heads, c.head_dim,
-                                self.cache_dtype, device, device_id)
+                                self.cache_dtype, device, device_id, CACHE_LAYOUTS[self.graph])
 
     def forward(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logits_to_keep: int = 1
                 ) -> np.ndarray:
@@ -199,15 +259,19 @@ class Decoder:
         """
         embeds, positions = np.asarray(embeds), np.asarray(positions)
         s, p = self._check(embeds, positions, cache, logits_to_keep)
-        if self._mask.shape[1] < cache.max_len:
-            self._mask = np.ones((1, cache.max_len), np.int64)
         # Host inputs stay referenced by these locals until the run has finished.
         host_inputs = {
             "inputs_embeds": np.ascontiguousarray(embeds, np.float32)[None],
             "position_ids": np.ascontiguousarray(positions, np.int64)[:, None],
-            "attention_mask": self._mask[:, : p + s],
             "logits_to_keep": np.array([logits_to_keep], np.int64),
         }
+        if self.graph == "gqa":
+            host_inputs["seqlens_k"] = np.array([p + s - 1], np.int32)
+            host_inputs["total_sequence_length"] = np.array(p + s, np.int32)
+        else:
+            if self._mask.shape[1] < cache.max_len:
+                self._mask = np.ones((1, cache.max_len), np.int64)
+            host_inputs["attention_mask"] = self._mask[:, : p + s]
         b = self._binding
         for name, array in host_inputs.items():
             b.bind_cpu_input(name, array)
@@ -217,9 +281,15 @@ class Decoder:
                                                                    cache.keys, cache.values):
             for past, new, buf in ((past_k, new_k, key), (past_v, new_v, value)):
                 base = _ptr(buf)
-                b.bind_input(past, cache.device, cache.device_id, self.cache_dtype, [1, p, kv_heads, head_dim], base)
-                b.bind_output(new, cache.device, cache.device_id, self.cache_dtype, [1, s, kv_heads, head_dim],
-                              base + p * row_bytes)
+                if self.graph == "gqa":  # one buffer for both: the op appends rows [p, p + s) of every head
+                    shape = [1, kv_heads, cache.max_len, head_dim]
+                    b.bind_input(past, cache.device, cache.device_id, self.cache_dtype, shape, base)
+                    b.bind_output(new, cache.device, cache.device_id, self.cache_dtype, shape, base)
+                else:
+                    b.bind_input(past, cache.device, cache.device_id, self.cache_dtype, [1, p, kv_heads, head_dim],
+                                 base)
+                    b.bind_output(new, cache.device, cache.device_id, self.cache_dtype, [1, s, kv_heads, head_dim],
+                                  base + p * row_bytes)
         if cache.device == "cpu":
             logits = self._logits.get(logits_to_keep)
             if logits is None:
@@ -248,6 +318,9 @@ class Decoder:
                                                                   self.config.head_dim):
             raise DecoderError(f"KV cache {cache.dtype} {cache.row_shape} does not fit this decoder "
                                f"({self.cache_dtype}, {self.config.num_key_value_heads}, {self.config.head_dim})")
+        if cache.layout != CACHE_LAYOUTS[self.graph]:
+            raise DecoderError(f"KV cache layout {cache.layout} does not fit this {self.graph} decoder "
+                               f"({CACHE_LAYOUTS[self.graph]}); make caches with Decoder.new_cache")
         if len(cache.keys) != self.config.num_hidden_layers:
             raise DecoderError(f"KV cache has {len(cache.keys)} layers, decoder {self.config.num_hidden_layers}")
         if cache.length + s > cache.max_len:

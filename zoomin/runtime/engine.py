@@ -10,6 +10,7 @@ import numpy as np
 from .chat import ChatFormat, ChatTokenizer
 from .config import ModelConfig
 from .decoder import Decoder
+from .embedding import EmbeddingTable, load_table
 from .manifest import EngineError, Manifest
 from .protocol import Protocol
 from .providers import providers_for, session_options
@@ -24,7 +25,7 @@ class Engine:
     chat: ChatTokenizer
     vision: VisionEncoder
     decoder: Decoder
-    embed_tokens: np.ndarray  # (vocab, hidden), memory-mapped: only the rows looked up are read from disk
+    embed_tokens: EmbeddingTable  # (vocab, hidden); only the rows looked up are read from disk
     device: str
 
     @property
@@ -42,13 +43,13 @@ class Engine:
         options = session_options(threads)
         graphs = manifest.graphs
         try:
-            vision = VisionEncoder(ort.InferenceSession(str(root / graphs["vision"]), options, providers=providers),
-                                   manifest.config.vision)
+            vision = VisionEncoder(root / graphs["vision"], manifest.config.vision, providers, options)
             decoder = Decoder(ort.InferenceSession(str(root / graphs["decoder"]), options, providers=providers),
-                              manifest.config.text)
+                              manifest.config.text, manifest.config.decoder_graph)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise EngineError(f"{root}: cannot load graphs ({str(e).splitlines()[0]})") from None
-        embed = np.load(root / graphs["embed_tokens"], mmap_mode="r")
+        t = manifest.config.text
+        embed = load_table(root, graphs["embed_tokens"], manifest.embedding, (t.vocab_size, t.hidden_size), threads)
         try:  # engines built before chat.json existed were made for the stock template
             chat_format = ChatFormat.load(root / graphs["chat"]) if "chat" in graphs else ChatFormat()
         except ValueError as e:
@@ -58,5 +59,5 @@ class Engine:
         return cls(root, manifest, protocol, chat, vision, decoder, embed, device)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token embeddings (len(ids), hidden) as float32 — a gather from the memory-mapped table."""
-        return np.asarray(self.embed_tokens[ids], dtype=np.float32)
+        """Token embeddings (len(ids), hidden) as float32, gathered from the table (zoomin.runtime.embedding)."""
+        return self.embed_tokens.lookup(ids)

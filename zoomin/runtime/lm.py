@@ -27,13 +27,18 @@ PREFILL_CHUNK = 1024  # most tokens per prefill call
 ATTENTION_BUDGET = 256 << 20  # bytes of attention scores one prefill call may hold (per live copy)
 
 
-def prefill_chunk(heads: int, context: int, limit: int = PREFILL_CHUNK) -> int:
-    """Tokens per prefill call so that one call's (heads, chunk, context) float32 scores fit ATTENTION_BUDGET.
+def prefill_chunk(heads: int, context: int, limit: int = PREFILL_CHUNK, graph: str | None = None) -> int:
+    """Tokens per prefill call: at most `limit`, and for the plain graph (which holds one call's (heads, chunk,
+    context) float32 scores) few enough for those to fit ATTENTION_BUDGET.
 
     A 4-megapixel photo is ~5k prompt tokens: prefilled in one call its scores alone are 1.6 GB at 3B widths and
     every MLP activation scales with it too; in chunks through the KV cache the peak stays flat and the result is
-    the same causal attention (float rounding aside).
+    the same causal attention (float rounding aside). GroupQueryAttention's CPU kernel works in tiles and holds no
+    scores, so the gqa graph's chunks are bounded by `limit` (the MLP activations) alone. graph: the engine's
+    decoder flavour (ModelConfig.decoder_graph; None, an engine that does not say, is treated as plain).
     """
+    if graph == "gqa":
+        return limit
     return max(16, min(limit, ATTENTION_BUDGET // (4 * heads * max(context, 1))))
 
 
@@ -144,7 +149,8 @@ class OnnxLM:
         e, start = self.engine, 0
         heads = e.config.text.num_attention_heads
         while start < len(ids):
-            end = min(len(ids), start + prefill_chunk(heads, self.cache.length + len(ids), self.prefill_limit))
+            end = min(len(ids), start + prefill_chunk(heads, self.cache.length + len(ids), self.prefill_limit,
+                                                      e.config.decoder_graph))
             embeds = e.embed(ids[start:end])
             for a, b, feats in images:
                 lo, hi = max(a, start), min(b, end)

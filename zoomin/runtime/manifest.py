@@ -1,8 +1,9 @@
 """`manifest.json`: the only contract between `zoomin-build` and the runtime.
 
-It names every file of an engine with its sha256 and size, the model config the runtime needs, the precision
-and where the engine came from. The runtime refuses an engine whose format it does not know or whose files do
-not match, with one clear line, instead of failing later inside onnxruntime.
+It names every file of an engine with its sha256 and size, the model config the runtime needs, the precision,
+how the token embedding table is stored (`TableSpec`) and where the engine came from. The runtime refuses an
+engine whose format (or table format) it does not know or whose files do not match, with one clear line, instead
+of failing later inside onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 
 from .config import ModelConfig
 
-FORMAT_VERSION = 2  # 2: vision graphs take unpadded frames (no full_valid / full_scatter)
+# 2: vision graphs take unpadded frames (no full_valid / full_scatter); 3: "embedding" describes the token table;
+# 4: graphs["vision"] is a directory of stage graphs run chunk by chunk (zoomin.runtime.vision)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+TABLE_FORMATS = ("dense", "block_quantized")
 
 
 class EngineError(ValueError):
@@ -40,6 +44,43 @@ def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class TableSpec:
+    """How the token embedding table is stored (the manifest's "embedding").
+
+    The file is the manifest's graphs["embed_tokens"].
+    dense: a (vocab, hidden) .npy of `dtype` (fp32, fp16), memory-mapped and indexed.
+    block_quantized: a graph of one com.microsoft GatherBlockQuantized over `bits`-bit codes in blocks of
+      `block_size` along hidden, with float32 scales and zero points, stored in `data`: (code - zero) * scale, as
+      MatMulNBits dequantizes. shared_with "lm_head": those are the decoder's lm_head MatMulNBits initializers
+      (tied embeddings: the table is stored once), else the table has its own data file.
+    """
+
+    format: str
+    dtype: str = "float32"  # dense: the .npy's; block_quantized: the rows it returns
+    bits: int | None = None
+    block_size: int | None = None
+    data: str | None = None
+    shared_with: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: Path) -> "TableSpec":
+        fmt = d.get("format") if isinstance(d, dict) else None
+        if fmt not in TABLE_FORMATS:
+            raise EngineError(f"{where}: embedding table format {fmt!r} is not one this runtime reads "
+                              f"({', '.join(TABLE_FORMATS)}); rebuild the engine")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise EngineError(f"{where}: malformed embedding table entry ({e})") from None
+
+    def describe(self) -> str:
+        if self.format == "dense":
+            return f"{self.dtype} table (runtime gathers rows)"
+        shared = ", the lm_head's own codes (stored once)" if self.shared_with else ""
+        return f"{self.bits}-bit blocks of {self.block_size} (GatherBlockQuantized){shared}"
+
+
 @dataclass
 class Manifest:
     precision: str
@@ -48,6 +89,7 @@ class Manifest:
     graphs: dict[str, str]  # role ("vision", "decoder", "embed_tokens", ...) -> file name
     provenance: dict[str, Any]
     parity: dict[str, Any] = field(default_factory=dict)
+    embedding: TableSpec | None = None  # None only for stand-in engines that are never written
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +132,7 @@ class Manifest:
                 graphs=d["graphs"],
                 provenance=d.get("provenance", {}),
                 parity=d.get("parity", {}),
+                embedding=TableSpec.from_dict(d.get("embedding"), path),
             )
         except (KeyError, TypeError) as e:
             raise EngineError(f"{path}: malformed manifest (missing {e})") from None

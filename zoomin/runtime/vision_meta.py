@@ -1,31 +1,32 @@
-"""Host-side metadata of the vision encoder graph, computed from `grid_thw` in numpy.
+"""Host-side plan of the vision encoder: which rows each graph call takes, computed from `grid_thw` in numpy.
 
 The Qwen2.5-VL vision tower mixes two attention patterns whose structure depends on the image grid: windowed
 blocks attend within 112 px windows (4 x 4 merged units = 64 patches, partial at the right/bottom edges) and
-full-attention blocks attend within one frame. Such data-dependent indices cannot live in an exported graph, so
-the runtime computes them here and feeds them as inputs.
+full-attention blocks attend within one frame. Such data-dependent structure cannot live in an exported graph,
+so the runtime computes it here.
 
-Design (exact, no O(N^2) masks or scores). Transformers permutes the patch sequence into window order so that windows
-become contiguous `cu_seqlens` segments, then undoes the permutation after the merger. The graph instead keeps
-the processor's patch order end to end (every op but attention is row-wise, and the merger's groups of four
-consecutive patches are the same in both orders). Windowed blocks run *grouped* attention: the rows of q/k/v
-are gathered into padded groups `(G, L)`, one per window (L = 64, patches in the order transformers puts them,
-so even the summation order matches), attention runs per group with a key-validity mask, and the results are
-gathered back to patch order; full-attention blocks attend within each frame. No permutation / reverse index (`argsort`) is needed, and every window holds at least one valid key, so no
-softmax row is fully masked.
+Design (exact, bounded memory for any image size). Every op of the tower is row-wise except attention, frames
+never interact, and a window's rows only meet each other until the next full-attention block. So the tower runs
+frame by frame, each frame as `chunks` of at most ~CHUNK_ROWS patch rows; a chunk holds whole windows of one
+shape (full 4x4 windows, the right edge's, the bottom edge's, the corner), its rows in transformers' window order
+(units row-major inside a window, the 4 patches of a unit consecutive). A windowed block is then a reshape to
+(windows, window_len) and plain attention per window: no gather, no padding, no mask. A full-attention block
+needs every key of its frame: one graph call per chunk computes that chunk's keys/values into the frame's K/V
+buffers, then each chunk's queries attend over all of them (ONNX Runtime's MultiHeadAttention: tiled flash
+attention, no (heads, N, N) scores). What a frame holds at once is its residual stream, one block's K/V and one
+chunk's activations; a 12.8-megapixel photo (65k patches) needs ~1 GB instead of the ~5 GB of one whole-tower
+call.
 
-Full-attention groups are never padded: the frames of one call must all have the same length (`frame_runs` splits
-a list of images into such calls). That lets the graph run those blocks through ONNX Runtime's MultiHeadAttention
-without a mask, which on the CPU is a tiled (flash) kernel: O(N) memory instead of the (heads, N, N) scores that
-made a 4-megapixel photo need ~25 GB.
+The merger's groups of four consecutive patches are merged units in both orders, so the last stage's rows are
+merged units in window order: `Chunk.units` puts them back in the processor's order.
 
-All index arrays are int64 (onnx Gather accepts it; an int32/int64 mix is what broke ONNX Slice in a public
-export), masks are bool, rotary tables float32.
+Index arrays are int64, rotary tables float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,15 +35,10 @@ from .config import VisionConfig
 # The vision tower's axial rotary base; Qwen2.5-VL configs do not carry it (transformers' default for "axial").
 VISION_ROPE_THETA = 10_000.0
 
-# Graph input names, in order, after `pixel_values`.
-META_NAMES = (
-    "rotary_cos",
-    "rotary_sin",
-    "window_gather",
-    "window_valid",
-    "window_scatter",
-    "full_gather",
-)
+# Patch rows per graph call (whole windows: up to 32 full windows). A chunk's activations (the MLP's two
+# (rows, 3420) float32 intermediates, qkv) stay ~100 MB at 3B widths; larger chunks are no faster (the matmuls
+# are already large) and smaller ones multiply the calls.
+CHUNK_ROWS = 2048
 
 
 class VisionInputError(ValueError):
@@ -91,15 +87,18 @@ def rotary_inv_freq(cfg: VisionConfig) -> np.ndarray:
     return (1.0 / np.float32(VISION_ROPE_THETA) ** exponent).astype(np.float32)
 
 
-def rotary_tables(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(cos, sin), each (N, head_dim) float32: axial rope with the h angles then the w angles, twice over.
-
-    Computed in float32 exactly as transformers does (position * inv_freq, then cos/sin).
-    """
-    angles = patch_positions(grid, cfg.spatial_merge_size).astype(np.float32)[:, :, None] * rotary_inv_freq(cfg)
-    angles = angles.reshape(len(angles), -1)  # (N, [h freqs, w freqs])
+def rotary_at(positions: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (len(positions), head_dim) float32, for (row, col) patch positions: axial rope with the
+    h angles then the w angles, twice over; computed in float32 exactly as transformers does."""
+    angles = positions.astype(np.float32)[:, :, None] * rotary_inv_freq(cfg)
+    angles = angles.reshape(len(angles), -1)  # (n, [h freqs, w freqs])
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotary_tables(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (N, head_dim) float32, of every patch in the processor's order."""
+    return rotary_at(patch_positions(grid, cfg.spatial_merge_size), cfg)
 
 
 def window_units(grid: np.ndarray, cfg: VisionConfig) -> np.ndarray:
@@ -125,7 +124,7 @@ def window_units(grid: np.ndarray, cfg: VisionConfig) -> np.ndarray:
 def window_index(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """transformers' (window_index, cu_window_seqlens): merged units in window order and patch boundaries.
 
-    The graph does not take these (it gathers windows directly); they document and test the window order.
+    The plan does not use these (it cuts windows by shape directly); they document and test the window order.
     """
     units = window_units(grid, cfg)
     valid = units >= 0
@@ -133,75 +132,81 @@ def window_index(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.nd
     return units[valid], cu
 
 
-def grouped(groups: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gather, valid, scatter) for grouped attention over rows `groups` (G, L), -1 marking padding.
+@dataclass(frozen=True)
+class Chunk:
+    """One graph call: `windows` whole windows of one shape, `window_len` patches each, of one frame."""
 
-    gather (G, L) int64: the row each slot reads (padding reads row 0 and is masked out as a key);
-    valid  (G, L) bool:  which slots are real rows;
-    scatter (N,) int64:  the flat slot (g * L + l) that holds each row, to gather the results back.
-    """
-    valid = groups >= 0
-    scatter = np.empty(n_rows, dtype=np.int64)
-    scatter[groups[valid]] = np.flatnonzero(valid)
-    return np.where(valid, groups, 0).astype(np.int64), valid, scatter
+    rows: slice  # its rows of the frame's sequence (chunks in plan order, rows in window order)
+    patches: np.ndarray  # (rows,) int64: the pixel_values row of each of its rows
+    windows: int
+    window_len: int
+
+    @property
+    def units(self) -> np.ndarray:
+        """(rows / 4,) int64: the merged unit (image_embeds row) each group of 4 rows becomes."""
+        return self.patches[::4] // 4
+
+    def window_rows(self) -> np.ndarray:
+        """(windows, window_len) int64, the graph input `windows`: the graph takes only its shape."""
+        return self.patches.reshape(self.windows, self.window_len)
 
 
-def window_groups(grid: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gather, valid, scatter) of the windowed blocks' groups (`grouped`), for images of any sizes."""
-    units = window_units(grid, cfg)
+@dataclass(frozen=True)
+class Frame:
+    length: int  # patches; full-attention blocks attend over all of them
+    chunks: tuple[Chunk, ...]
+
+
+def _window_blocks(units: int, side: int) -> list[tuple[int, int]]:
+    """[start, size) of the windows along one axis of `units` merged units: full windows, then the cut-off one."""
+    full, rest = divmod(units, side)
+    return [(i * side, side) for i in range(full)] + ([(full * side, rest)] if rest else [])
+
+
+def frame_chunks(first_unit: int, lh: int, lw: int, cfg: VisionConfig, chunk_rows: int = CHUNK_ROWS
+                 ) -> tuple[Chunk, ...]:
+    """The chunks of one frame of lh x lw merged units whose first unit is `first_unit` (global index)."""
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
     unit = cfg.spatial_merge_size**2
-    win = np.where(units[:, :, None] >= 0, units[:, :, None] * unit + np.arange(unit), -1)
-    return grouped(win.reshape(len(units), -1), int(patch_counts(grid).sum()))
+    grid_units = first_unit + np.arange(lh * lw, dtype=np.int64).reshape(lh, lw)
+    rows, cols = _window_blocks(lh, side), _window_blocks(lw, side)
+    # windows grouped by shape (hr x wc units); inside a group, transformers' row-major window order
+    shapes: dict[tuple[int, int], list[np.ndarray]] = {}
+    for r0, hr in rows:
+        for c0, wc in cols:
+            shapes.setdefault((hr, wc), []).append(grid_units[r0:r0 + hr, c0:c0 + wc].ravel())
+    chunks, start = [], 0
+    for (hr, wc), windows in shapes.items():
+        length = hr * wc * unit
+        per_call = max(1, chunk_rows // length)
+        for i in range(0, len(windows), per_call):
+            group = np.concatenate(windows[i:i + per_call])
+            patches = (group[:, None] * unit + np.arange(unit)).ravel()
+            chunks.append(Chunk(slice(start, start + len(patches)), patches, len(windows[i:i + per_call]), length))
+            start += len(patches)
+    return tuple(chunks)
 
 
-def frame_runs(grid_thw: np.ndarray | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """[start, end) image ranges of consecutive images whose frames are all the same size: one graph call each."""
-    sizes = [h * w for _, h, w in np.asarray(grid_thw).reshape(-1, 3).tolist()]
-    runs, start = [], 0
-    for i in range(1, len(sizes) + 1):
-        if i == len(sizes) or sizes[i] != sizes[start]:
-            runs.append((start, i))
-            start = i
-    return runs
+def vision_plan(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionConfig, chunk_rows: int = CHUNK_ROWS
+                ) -> list[Frame]:
+    """Every frame of images `grid_thw` (in order; a t-frame image gives t frames) cut into chunks."""
+    grid = check_grid(grid_thw, cfg)
+    m = cfg.spatial_merge_size
+    frames, first = [], 0
+    for t, h, w in grid.tolist():
+        lh, lw = h // m, w // m
+        for _ in range(t):
+            frames.append(Frame(h * w, frame_chunks(first, lh, lw, cfg, chunk_rows)))
+            first += lh * lw
+    return frames
 
 
-def vision_inputs(grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionConfig) -> dict[str, np.ndarray]:
-    """Every graph input besides `pixel_values`, for images with patch grids `grid_thw` (n, 3).
+def chunk_inputs(chunk: Chunk, positions: np.ndarray, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The inputs every stage call of `chunk` takes besides its rows: rotary tables and the window shape.
 
-    N = sum(t*h*w) patches (pixel_values rows, in processor order), Gw windows, Gf = sum(t) frames:
-      rotary_cos, rotary_sin  (N, head_dim)  float32
-      window_gather           (Gw, 64)       int64   patch rows of each window (64 = (window/patch)^2)
-      window_valid            (Gw, 64)       bool
-      window_scatter          (N,)           int64   flat window slot of each patch
-      full_gather             (Gf, L)        int64   patch rows of each frame, L = h*w (equal for every frame);
-                                                     frames are consecutive rows, so the graph only reshapes by
-                                                     this input's shape (no gather, no scatter back)
+    positions: patch_positions of the whole call's grid.
+      rotary_cos, rotary_sin  (rows, head_dim)      float32
+      windows                 (windows, window_len) int64
     """
-    grid = check_grid(grid_thw, cfg)
-    if len(frame_runs(grid)) > 1:
-        raise VisionInputError(f"grid_thw {grid.tolist()}: frames of one call must have equal h*w (full-attention "
-                               "blocks are unpadded); split the images with frame_runs")
-    n = int(patch_counts(grid).sum())
-    window_gather, window_valid, window_scatter = window_groups(grid, cfg)
-    frame_len = int(grid[0, 1] * grid[0, 2])
-    full_gather = np.arange(n, dtype=np.int64).reshape(-1, frame_len)  # frames are consecutive rows
-
-    cos, sin = rotary_tables(grid, cfg)
-    return {
-        "rotary_cos": cos,
-        "rotary_sin": sin,
-        "window_gather": window_gather,
-        "window_valid": window_valid,
-        "window_scatter": window_scatter,
-        "full_gather": full_gather,
-    }
-
-
-def graph_feeds(pixel_values: np.ndarray, grid_thw: np.ndarray | Sequence[Sequence[int]], cfg: VisionConfig
-                ) -> list[dict[str, np.ndarray]]:
-    """The vision graph's feeds for images `grid_thw` whose rows `pixel_values` are concatenated in order: one
-    feed per run of equally sized images (`frame_runs`), since one call takes only equal frames."""
-    grid = check_grid(grid_thw, cfg)
-    rows = np.concatenate([[0], np.cumsum(patch_counts(grid))])
-    return [{"pixel_values": pixel_values[rows[a]:rows[b]], **vision_inputs(grid[a:b], cfg)}
-            for a, b in frame_runs(grid)]
+    cos, sin = rotary_at(positions[chunk.patches], cfg)
+    return {"rotary_cos": cos, "rotary_sin": sin, "windows": chunk.window_rows()}
