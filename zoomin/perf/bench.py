@@ -87,13 +87,17 @@ class Worker:
     """A configuration loaded in its own spawned process; each `run` is one timed detect there."""
 
     def __init__(self, job: Job, images: list[str]):
+        self.load_s = self._start(_serve, job, images)["load_s"]
+
+    def _start(self, serve, job, images: list[str]) -> dict:
+        """Spawn serve(conn, job, images) and return its load reply."""
         ctx = multiprocessing.get_context("spawn")
         self.job = job
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, job, images), daemon=True, name=job.label)
+        self.process = ctx.Process(target=serve, args=(child, job, images), daemon=True, name=job.label)
         self.process.start()
         child.close()
-        self.load_s = self._reply()["load_s"]
+        return self._reply()
 
     def run(self, image: str, *, reuse: bool = True, timeout: float | None = None) -> dict:
         """One timed detect; past `timeout` seconds the worker is killed and WorkerError raised."""
@@ -156,20 +160,31 @@ def _serve(conn, job: Job, images: list[str]) -> None:
     except Exception as e:
         conn.send((False, _one_line(e)))
         return
+
+    def handle(msg: tuple) -> tuple[object, bool]:
+        if msg[0] == "run":
+            _, image, reuse = msg
+            return _timed_run(detectors[reuse], image, scripts[image]), False
+        return {"peak_rss_bytes": peak_rss_bytes(), "info": backend_info(zi, job)}, True
+
+    answer_requests(conn, handle)
+
+
+def answer_requests(conn, handle) -> None:
+    """A worker's request loop: handle(message) -> (reply, whether it was the last); an exception goes back as
+    one line and ends the worker, as does the parent closing the pipe."""
     while True:
         try:
             msg = conn.recv()
         except EOFError:
             return
         try:
-            if msg[0] == "run":
-                _, image, reuse = msg
-                conn.send((True, _timed_run(detectors[reuse], image, scripts[image])))
-            else:
-                conn.send((True, {"peak_rss_bytes": peak_rss_bytes(), "info": backend_info(zi, job)}))
-                return
+            reply, last = handle(msg)
         except Exception as e:
             conn.send((False, _one_line(e)))
+            return
+        conn.send((True, reply))
+        if last:
             return
 
 
@@ -264,6 +279,21 @@ class QuietGate:
             self.waited_s += 2.5
 
 
+def round_robin(workers: dict, action, raw: dict, failed: dict, log, rotate: int = 0) -> None:
+    """action(label, worker) on every worker, starting `rotate` places in (so no worker always runs first); one
+    that fails is closed and dropped, its raw runs removed and its reason kept in `failed`."""
+    labels = list(workers)
+    k = rotate % len(labels) if labels else 0
+    for label in labels[k:] + labels[:k]:
+        try:
+            action(label, workers[label])
+        except WorkerError as e:
+            failed[label] = f"run: {e}"
+            log(f"  {label}: {e}")
+            raw.pop(label, None)
+            workers.pop(label).close()
+
+
 def measure_all(jobs: list[Job], images: list[str], reference: str, *, repeats: int, warmup: int,
                 interleave: bool, max_run_s: float | None = None, quiet: QuietGate | None = None,
                 log=print) -> tuple[dict[str, dict], dict[str, str]]:
@@ -293,16 +323,7 @@ def measure_all(jobs: list[Job], images: list[str], reference: str, *, repeats: 
                 raw[job.label]["no_reuse"] = {reference: []}
 
         def each(action, rotate: int = 0) -> None:
-            labels = list(workers)
-            k = rotate % len(labels) if labels else 0
-            for label in labels[k:] + labels[:k]:
-                try:
-                    action(label, workers[label])
-                except WorkerError as e:
-                    failed[label] = f"run: {e}"
-                    log(f"  {label}: {e}")
-                    raw.pop(label, None)
-                    workers.pop(label).close()
+            round_robin(workers, action, raw, failed, log, rotate)
 
         def warm(label: str, w: Worker) -> None:
             for _ in range(warmup):

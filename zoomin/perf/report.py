@@ -61,9 +61,7 @@ def _image_line(results: dict, path: str) -> str:
 
 
 def markdown(results: dict, plots: dict[str, str]) -> str:
-    m, s, labels = results["machine"], results["settings"], _labels(results)
-    ref = s["reference_image"]
-    base = results["baseline"]
+    m, s = results["machine"], results["settings"]
     ver = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     bw = results["bandwidth"]
     shape = s["checkpoint_config"]
@@ -95,6 +93,18 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     ]
     if results["failed"]:
         lines += ["Not measured:", ""] + [f"- {k}: {v}" for k, v in results["failed"].items()] + [""]
+    if results["configs"]:
+        lines += _profile_sections(results, plots)
+    if "peers" in results:
+        lines += peers_markdown(results["peers"])
+    return "\n".join(lines) + "\n"
+
+
+def _profile_sections(results: dict, plots: dict[str, str]) -> list[str]:
+    """Per stage, by image size, KV reuse, bandwidth floor and targets: zoomin against transformers."""
+    s, labels, base = results["settings"], _labels(results), results["baseline"]
+    ref = s["reference_image"]
+    lines: list[str] = []
 
     lines += [f"## Per stage, {_image_line(results, ref)}", "",
               "Median ms over the repeats (IQR in parentheses); ratio = zoomin / transformers (< 1 is faster).", ""]
@@ -188,7 +198,70 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     for label, v in t["decode_floor_fraction"]["value"].items():
         lines.append(f"| decode vs bandwidth floor, {label} | {t['decode_floor_fraction']['target']} | {v:.0%} | "
                      f"{_met(t['decode_floor_fraction']['met'][label])} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _peer_value(c: dict, key: str) -> str:
+    if key == "peak_rss_bytes":
+        return f"{c[key] / 2**30:.2f}"
+    if key == "size_bytes":
+        return f"{c[key] / 2**20:,.0f}"
+    v = c["metrics"][key]["median"]
+    if not math.isfinite(v):
+        return "-"
+    return f"{v:,.2f}" if key == "job_s" else _ms(v) if key == "image_encode_ms" else f"{v:,.1f}"
+
+
+def _job_tokens(tokens: dict | None) -> list[str]:
+    """The job's token counts as each runtime reported them (they show the runtimes got the same prompts)."""
+    if not tokens:
+        return []
+    return ["job tokens: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tokens.items())]
+
+
+def peers_markdown(peers: dict) -> list[str]:
+    """The side-by-side table (medians), the ratios zoomin / peer, and what was not measured and why."""
+    from .peers import METRICS, PEER_PRECISIONS, SIZE_METRICS
+
+    s = peers["settings"]
+    wl = s["workload"]
+    lines = ["", "## Side by side with other runtimes", "",
+             f"Same checkpoint, each runtime's own converter, {s['threads']} threads each, each in its own process, "
+             f"interleaved round-robin per precision ({s['warmup']} warm-up, median of {s['repeats']} repeats). "
+             f"Text prefill: a {s['text']['prefill_tokens']}-token text prompt, tok/s to the first token; decode: "
+             f"{s['text']['decode_tokens']} tokens after it. ZoomIn job: both queries on {_name(s['image'])}, "
+             f"{wl['stage1_tokens']} + {wl['stage2_tokens']} answer tokens, query 2 on the original + {wl['boxes']} "
+             "crops; image encode = the full image's vision encode inside the job. '-': the runtime cannot do it.",
+             "", "| precision | runtime | image encode ms | text prefill tok/s | decode tok/s | ZoomIn job s | "
+             "peak RSS GiB | on disk MiB |", "|---|---|---|---|---|---|---|---|"]
+    columns = (*METRICS, *SIZE_METRICS)
+    configs = peers["configs"]
+    order = sorted(configs, key=lambda k: (PEER_PRECISIONS.index(configs[k]["precision"]),
+                                           configs[k]["peer"] == "zoomin", k))
+    for label in order:
+        c = configs[label]
+        lines.append(f"| {c['precision']} | {c['runtime']} | " + " | ".join(_peer_value(c, k) for k in columns) + " |")
+    if peers["ratios"]:
+        lines += ["", "Ratio zoomin / peer (time, memory, size: < 1 means zoomin is better; tok/s: > 1 means "
+                      "zoomin is better).", "",
+                  "| precision | peer | image encode | text prefill | decode | ZoomIn job | peak RSS | on disk |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for precision in PEER_PRECISIONS:
+            for label, row in peers["ratios"].get(precision, {}).items():
+                lines.append(f"| {precision} | {configs[label]['runtime']} | "
+                             + " | ".join(_x(row[k]) for k in columns) + " |")
+    missing = [f"- {name}: {why}" for name, why in peers["skipped"].items()]
+    missing += [f"- {label}: {why}" for label, why in peers["failed"].items()]
+    if missing:
+        lines += ["", "Peers not measured:", "", *missing]
+    noted = [f"- {label}: " + "; ".join(configs[label]["notes"] + _job_tokens(configs[label]["job_tokens"]))
+             for label in order if configs[label]["notes"] or configs[label]["job_tokens"]]
+    if noted:
+        lines += ["", "What each ran:", "", *noted]
+    versions = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in vs.items() if v)
+                         for name, vs in peers["versions"].items())
+    lines += ["", f"Versions: {versions}"]
+    return lines
 
 
 def _token_check(check: dict) -> str:

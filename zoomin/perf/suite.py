@@ -21,6 +21,7 @@ from ..runtime.manifest import Manifest
 from . import machine
 from .bench import TIME_METRICS, Job, QuietGate, measure_all, run_metrics, summarize
 from .floor import decode_floor, engine_decode_weight_bytes, mean_decode_context
+from .peers import PEER_CLASSES, PeerOptions
 from .workload import Workload
 
 BASELINE = "transformers-fp32"
@@ -77,6 +78,9 @@ class SuiteConfig:
     quiet_wait_s: float = 0.0  # total time timed runs may wait for background load to go away
     command: str = ""
     preset: str | None = None
+    peers: list[str] = field(default_factory=list)  # other runtimes to measure side by side (peers.PEER_NAMES)
+    peers_only: bool = False  # only the side-by-side comparison: no transformers baseline, no per-stage profile
+    peer_options: PeerOptions = field(default_factory=PeerOptions)
 
 
 # -- inputs ------------------------------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
     def job(label: str, backend: str, path: Path, ablation: bool = False) -> Job:
         return Job(label, backend, str(path), cfg.workload, cfg.threads, ablation)
 
-    jobs, failed = [job(BASELINE, "transformers", cfg.checkpoint)], {}
+    jobs, failed = ([] if cfg.peers_only else [job(BASELINE, "transformers", cfg.checkpoint)]), {}
     config_sha = hashlib.sha256((cfg.checkpoint / "config.json").read_bytes()).hexdigest()
     for engine in cfg.engines:
         manifest = Manifest.load(engine)
@@ -232,8 +236,9 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
     log(f"measuring {len(jobs)} configurations, {'interleaved' if interleave else 'one after another'}: "
         f"{len(images)} images x {cfg.repeats} repeats after {cfg.warmup} warm-up")
     gate = QuietGate(cfg.quiet_wait_s, log=log)
-    raw, run_failed = measure_all(jobs, images, str(ref), repeats=cfg.repeats, warmup=cfg.warmup,
-                                  interleave=interleave, max_run_s=cfg.max_run_s, quiet=gate, log=log)
+    raw, run_failed = ({}, {}) if cfg.peers_only else measure_all(
+        jobs, images, str(ref), repeats=cfg.repeats, warmup=cfg.warmup, interleave=interleave,
+        max_run_s=cfg.max_run_s, quiet=gate, log=log)
     failed |= run_failed
     configs = {}
     for j in jobs:
@@ -244,6 +249,7 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
             configs[j.label]["info"]["decode_weight_bytes"] = engine_decode_weight_bytes(j.path)
         total = configs[j.label]["images"][str(ref)]["metrics"]["total"]["median"]
         log(f"{j.label}: end to end on {ref.name} {total:.0f} ms")
+    peers = run_peer_comparison(cfg, jobs, ref, gate, log) if cfg.peers else None
 
     # Background load can only lower a bandwidth measurement: the machine's figure is the better of two.
     at_end = machine.measure_bandwidth(cfg.threads)
@@ -259,7 +265,8 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
                      "precisions": cfg.precisions, "engines": [str(e) for e in cfg.engines], "repeats": cfg.repeats,
                      "warmup": cfg.warmup, "threads": cfg.threads, "interleaved": interleave,
                      "max_run_s": cfg.max_run_s, "quiet_wait_budget_s": cfg.quiet_wait_s,
-                     "quiet_waited_s": gate.waited_s, "workload": asdict(cfg.workload), "reference_image": str(ref)},
+                     "quiet_waited_s": gate.waited_s, "workload": asdict(cfg.workload), "reference_image": str(ref),
+                     "peers": cfg.peers, "peers_only": cfg.peers_only},
         "images": images,
         "baseline": BASELINE,
         "configs": configs,
@@ -270,8 +277,31 @@ def run_suite(cfg: SuiteConfig, log: Log = print) -> dict:
     results["ablation"] = ablation(results)
     results["floor"] = floors(results)
     results["targets"] = targets(results)
+    if peers is not None:
+        results["peers"] = peers
     results["wall_s"] = time.perf_counter() - t_start
     return results
+
+
+def run_peer_comparison(cfg: SuiteConfig, jobs: list[Job], ref: Path, gate: QuietGate, log: Log) -> dict:
+    """The side-by-side section: every peer against the zoomin engine of each precision, same run, same gate."""
+    from ..runtime.protocol import Protocol
+    from .peers import PeersConfig, run_peers
+
+    engines: dict[str, Path] = {}
+    for j in jobs:
+        if j.backend == "zoomin":
+            engines.setdefault(Manifest.load(j.path).precision, Path(j.path))
+    if not engines:
+        log("peers: no zoomin engine to compare with")
+    first = next(iter(engines.values()), None)
+    protocol = (Protocol.load(first / Manifest.load(first).graphs["protocol"]) if first else Protocol.default())
+    log(f"side by side with {', '.join(cfg.peers)} at {', '.join(engines) or 'no precision'}: "
+        f"{cfg.repeats} repeats after {cfg.warmup} warm-up, interleaved per precision")
+    return run_peers(PeersConfig(
+        checkpoint=cfg.checkpoint, engines=engines, peers={n: PEER_CLASSES[n] for n in cfg.peers}, image=str(ref),
+        protocol=protocol.to_dict(), workload=cfg.workload, threads=cfg.threads, cache=cfg.cache,
+        repeats=cfg.repeats, warmup=cfg.warmup, options=cfg.peer_options, max_run_s=cfg.max_run_s), gate, log)
 
 
 def _checkpoint_shape(ckpt: Path) -> dict:
