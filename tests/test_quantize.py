@@ -470,3 +470,24 @@ def test_cli_precision_help_and_option_checks(tiny_ckpt, tmp_path):
                                str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     assert bad.exit_code == 1 and "calibration image directory not found" in bad.output
     assert not (tmp_path / "e").exists()
+
+
+def test_batched_decoding_per_precision(tiny_engines):
+    """int8 (per-tensor activation scales) runs steps one sequence at a time: exactly detect's answers; int4 merges
+    steps and rides a lone step along with a neighbour, so answers do not depend on what else is in flight."""
+    from zoomin.runtime.batch import merge_policy
+
+    images = [PHOTO, DEFAULT_DIR / "real" / "camera.jpg", DEFAULT_DIR / "real" / "rocket.jpg"]
+    int8 = ZoomIn.load(tiny_engines["int8"].engine_dir)
+    assert merge_policy("int8", int8.lm.engine.decoder.graph) == "single"
+    # each image on a fresh detector, as each of the 3 lanes meets its first image: int8's per-tensor scales also
+    # differ between a prefill that includes the system prompt and one after the cached prefix
+    alone = [ZoomIn.load(tiny_engines["int8"].engine_dir).detect(p, max_new_tokens=8).final_text for p in images]
+    assert [r.final_text for _, r, _ in int8.detect_batch(images, max_batch=3, max_new_tokens=8)] == alone
+    assert set(int8._lanes[0].lm.lane.scheduler.batch_sizes) == {1}
+    int4 = ZoomIn.load(tiny_engines["int4"].engine_dir)
+    assert merge_policy("int4", int4.lm.engine.decoder.graph) == "merge2"
+    runs = [[r.final_text for _, r, _ in int4.detect_batch(images[:k], max_batch=b, max_new_tokens=8)]
+            for k, b in ((3, 3), (3, 2), (1, 1))]
+    assert runs[0] == runs[1] and runs[0][:1] == runs[2]
+    assert max(int4._lanes[0].lm.lane.scheduler.batch_sizes) == 1  # the last run: one lane, a neighbour rode along

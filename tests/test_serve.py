@@ -341,3 +341,30 @@ def test_serve_cli_names_a_missing_engine(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--engine", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "engine directory not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_batched_lanes_answer_as_the_direct_api_and_report_batch_sizes(tiny_engine, direct, images):
+    """--max-batch 3: five concurrent requests of mixed sizes run three at a time, their decode steps merged;
+    every answer is still the direct API's, and /metrics shows steps of more than one sequence."""
+    s = Server(create_app(ServeConfig(engine=tiny_engine, max_batch=3)))
+    s.wait_ready()
+    try:
+        cases = [*images.items(), ("coffee.png", images["coffee.png"])]
+        want = {name: canon(expected(direct, data)) for name, data in images.items()}
+
+        def send(case):
+            return httpx.post(s.url + "/v1/detect", data={"max_new_tokens": str(MAX_NEW)}, files={"image": case},
+                              timeout=120)
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = list(pool.map(send, cases))
+        for (name, data), r in zip(cases, answers):
+            assert r.status_code == 200, r.text
+            assert strip(r.json()) == want[name], name
+        text = httpx.get(s.url + "/metrics").text
+        steps, sequences = metric(text, "zoomin_decode_batch_size_count"), metric(text, "zoomin_decode_batch_size_sum")
+        assert steps > 0 and sequences > steps  # some steps carried more than one sequence
+        assert metric(text, "zoomin_decode_batch_size_bucket", le="1.0") < steps
+        assert metric(text, "zoomin_images_total", outcome="ok") == len(cases)
+    finally:
+        s.stop()

@@ -87,14 +87,18 @@ def parse_region(text: str) -> tuple[tuple[float, float, float, float], str] | t
 @click.option("--oversize", type=click.Choice(["downscale", "refuse"]), default=None,
               help="An image over --max-image-tokens is downscaled to fit, or refused with its own error "
                    "[default: protocol's, downscale].")
+@click.option("--batch", "max_batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images in flight at once, their decode steps batched into one decoder call (continuous "
+                   "batching; the onnx backend).")
 @click.option("--isolate/--no-isolate", default=True, show_default=True,
               help="Run the engine in a worker process: an image that kills it (out of memory) gets its own error "
                    "and a fresh worker takes the next one. --backend hf always runs in-process.")
 def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_reuse, max_new_tokens, device, backend,
-           model_dir, temperature, top_p, seed, threads, max_image_tokens, oversize, isolate) -> None:
+           model_dir, temperature, top_p, seed, threads, max_image_tokens, oversize, max_batch, isolate) -> None:
     """Run ZoomIn (global scan, then zoomed evidence check) on images or folders of images."""
     import json
     import sys
+    from functools import partial
 
     from tqdm import tqdm
 
@@ -105,6 +109,8 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
 
     if regions and no_regions:
         raise click.UsageError("--region and --no-regions exclude each other")
+    if max_batch > 1 and backend != "onnx":
+        raise click.UsageError("--batch needs --backend onnx")
     region_list = [parse_region(r) for r in regions] if regions else ([] if no_regions else None)
     overrides = {k: v for k, v in (("max_image_tokens", max_image_tokens), ("oversize", oversize)) if v is not None}
     if max_image_tokens == 0:
@@ -122,8 +128,8 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
     try:
         sink = sys.stdout if json_out == Path("-") else (open(json_out, "w") if json_out else None)
         bar = tqdm(files, unit="img", disable=len(files) < 2, file=sys.stderr)
-        for name, result, error in zi.detect_many(bar, regions=region_list, max_new_tokens=max_new_tokens,
-                                                  sampling=sampling):
+        run = zi.detect_many if max_batch == 1 else partial(zi.detect_batch, max_batch=max_batch)
+        for name, result, error in run(bar, regions=region_list, max_new_tokens=max_new_tokens, sampling=sampling):
             record = {"path": name, "error": error, **(result.to_dict() if result else {})}
             if sink:
                 sink.write(json.dumps(record) + "\n")
@@ -176,6 +182,9 @@ def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: b
               help="Engine directory from zoomin-build.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images in flight at once, their decode steps batched into one decoder call (continuous "
+                   "batching; gqa engines).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images waiting for the engine; more are answered 429.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True)
@@ -187,7 +196,7 @@ def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: b
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--max-image-tokens", type=click.IntRange(min=0), default=None,
               help="Override the protocol's image-token limit (0 = none).")
-def serve(engine_dir, host, port, max_queue, max_body_mb, max_image_pixels, timeout_s, device, threads,
+def serve(engine_dir, host, port, max_batch, max_queue, max_body_mb, max_image_pixels, timeout_s, device, threads,
           max_image_tokens) -> None:
     """Serve ZoomIn over HTTP: POST /v1/detect, GET /health /ready /metrics /v1/engine (needs the serve extra)."""
     try:
@@ -203,7 +212,7 @@ def serve(engine_dir, host, port, max_queue, max_body_mb, max_image_pixels, time
     except EngineError as e:
         raise click.ClickException(str(e)) from None
     overrides = () if max_image_tokens is None else (("max_image_tokens", max_image_tokens or None),)
-    cfg = ServeConfig(engine=engine_dir, device=device, threads=threads, max_queue=max_queue,
+    cfg = ServeConfig(engine=engine_dir, device=device, threads=threads, max_batch=max_batch, max_queue=max_queue,
                       max_body_bytes=int(max_body_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                       request_timeout_s=timeout_s, protocol_overrides=overrides)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level="info", timeout_graceful_shutdown=timeout_s)

@@ -19,6 +19,7 @@ Buffers are numpy arrays on the CPU, or OrtValues allocated on the device for a 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -57,12 +58,16 @@ class KVCache:
 
     @classmethod
     def allocate(cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype=np.float32,
-                 device: str = "cpu", device_id: int = 0, layout: str = "BSNH") -> "KVCache":
+                 device: str = "cpu", device_id: int = 0, layout: str = "BSNH", slots: int = 1) -> "KVCache":
+        """slots > 1 (BNSH on the CPU): `slots` sequences' caches in one buffer per layer, (slots, kv_heads,
+        max_len, head_dim); `slot(b)` is sequence b's cache, and a batched decode step binds them all at once."""
         if max_len < 1:
             raise DecoderError(f"KV cache max_len must be >= 1, got {max_len}")
         if layout not in CACHE_LAYOUTS.values():
             raise DecoderError(f"unknown KV cache layout {layout!r}")
-        shape = (1, kv_heads, max_len, head_dim) if layout == "BNSH" else (1, max_len, kv_heads, head_dim)
+        if slots != 1 and (layout != "BNSH" or device != "cpu"):
+            raise DecoderError("a multi-slot KV cache needs the head-major (gqa) layout on the CPU")
+        shape = (slots, kv_heads, max_len, head_dim) if layout == "BNSH" else (1, max_len, kv_heads, head_dim)
 
         def buffer() -> Buffer:
             if device == "cpu":
@@ -71,6 +76,17 @@ class KVCache:
 
         return cls([buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)], 0, device, device_id,
                    layout)
+
+    @property
+    def slots(self) -> int:
+        return _shape(self.keys[0])[0]
+
+    def slot(self, b: int) -> "KVCache":
+        """Sequence b's cache: views of slot b of every buffer (one contiguous block each), its own length."""
+        if not 0 <= b < self.slots:
+            raise DecoderError(f"slot {b} is outside the cache's {self.slots} slots")
+        return KVCache([k[b:b + 1] for k in self.keys], [v[b:b + 1] for v in self.values], 0, self.device,
+                       self.device_id, self.layout)
 
     @property
     def seq_axis(self) -> int:
@@ -147,20 +163,23 @@ def _anonymous_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _release_rows(buf: np.ndarray, n: int, seq_axis: int) -> None:
-    """madvise away positions [n, max_len) of every block before `seq_axis` (each head's rows in BNSH)."""
-    owner = buf.base
+    """madvise away positions [n, max_len) of every block before `seq_axis` (each head's rows in BNSH). `buf` may
+    be a view of one slot of a larger mapping (zoomin.runtime.batch's slot caches)."""
+    root, owner = buf, buf.base
     while isinstance(owner, np.ndarray):
-        owner = owner.base
+        root, owner = owner, owner.base
     owner = owner.obj if isinstance(owner, memoryview) else owner  # np.frombuffer holds a view of the mapping
     if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
         return
+    offset = buf.ctypes.data - root.ctypes.data  # where the view starts in the mapping (np.frombuffer: offset 0)
     blocks = int(np.prod(buf.shape[:seq_axis]))
     block_bytes = buf.nbytes // blocks
     row_bytes = block_bytes // buf.shape[seq_axis]
     page = mmap.PAGESIZE
     for b in range(blocks):
-        start = -(-(b * block_bytes + n * row_bytes) // page) * page  # whole pages only: round inwards
-        end = len(owner) if b == blocks - 1 else (b + 1) * block_bytes // page * page
+        start = -(-(offset + b * block_bytes + n * row_bytes) // page) * page  # whole pages only: round inwards
+        end = offset + (b + 1) * block_bytes
+        end = len(owner) if end >= len(owner) else end // page * page
         if start < end:
             owner.madvise(mmap.MADV_DONTNEED, start, end - start)
 
@@ -235,6 +254,8 @@ class Decoder:
         self._binding = session.io_binding()
         self._mask = np.ones((1, 0), np.int64)  # plain: grown to the largest cache seen, then sliced per step
         self._logits: dict[int, np.ndarray] = {}  # (1, K, vocab) output buffers, one per K used
+        self._batch_binding = session.io_binding()
+        self._batch_logits: dict[int, np.ndarray] = {}  # (B, 1, vocab) output buffers of batched steps
 
     @classmethod
     def load(cls, path: str | Path, config: TextConfig, providers: list | None = None,
@@ -245,10 +266,10 @@ class Decoder:
         session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         return cls(session, config, graph)
 
-    def new_cache(self, max_len: int, device: str = "cpu", device_id: int = 0) -> KVCache:
+    def new_cache(self, max_len: int, device: str = "cpu", device_id: int = 0, slots: int = 1) -> KVCache:
         c = self.config
         return KVCache.allocate(c.num_hidden_layers, max_len, c.num_key_value_heads, c.head_dim,
-                                self.cache_dtype, device, device_id, CACHE_LAYOUTS[self.graph])
+                                self.cache_dtype, device, device_id, CACHE_LAYOUTS[self.graph], slots)
 
     def forward(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, logits_to_keep: int = 1
                 ) -> np.ndarray:
@@ -303,6 +324,61 @@ class Decoder:
         if cache.device != "cpu":
             logits = b.get_outputs()[-1].numpy()  # bound last
         return logits[0]
+
+    def forward_batch(self, embeds: np.ndarray, positions: np.ndarray, caches: Sequence[KVCache],
+                      active: Sequence[bool] | None = None) -> np.ndarray:
+        """One decode step of len(caches) sequences in one call: row b of embeds (B, hidden) and positions (3, B)
+        is sequence b's next token. Returns (B, vocab) logits (a reused buffer: copy what you keep).
+
+        gqa graph only: GroupQueryAttention takes each sequence's own length (seqlens_k), so sequences of any
+        lengths share the call, and writes each new row at its sequence's length. The caches must be consecutive
+        slots of one multi-slot cache (KVCache.slot), bound as one (B, kv_heads, max_len, head_dim) buffer. A slot
+        with active False rides along without advancing: its row lands past its valid length, where the next
+        write overwrites it, and its logits are to be ignored.
+        """
+        if self.graph != "gqa":
+            raise DecoderError("batched decoding needs the gqa decoder graph; rebuild the engine with this zoomin")
+        embeds, positions = np.asarray(embeds), np.asarray(positions)
+        n = len(caches)
+        active = [True] * n if active is None else list(active)
+        if n < 1 or embeds.shape != (n, self.config.hidden_size) or positions.shape != (3, n) or len(active) != n:
+            raise DecoderError(f"a batched step takes embeds ({n}, {self.config.hidden_size}) and positions (3, {n})"
+                               f" for {n} caches, got {embeds.shape} and {positions.shape}")
+        first = caches[0]
+        lengths = np.array([c.length for c in caches], np.int32)
+        for c in caches:
+            self._check(embeds[:1], positions[:, :1], c, 1)
+        slot_bytes = [_shape(k)[1] * _shape(k)[2] * _shape(k)[3] * self.cache_dtype.itemsize for k in first.keys]
+        for j, c in enumerate(caches):
+            for i, (k, v) in enumerate(zip(c.keys, c.values)):
+                if (_ptr(k), _ptr(v)) != (_ptr(first.keys[i]) + j * slot_bytes[i], _ptr(first.values[i]) + j *
+                                          slot_bytes[i]) or c.max_len != first.max_len:
+                    raise DecoderError("batched caches must be consecutive slots of one multi-slot KV cache")
+        host_inputs = {
+            "inputs_embeds": np.ascontiguousarray(embeds, np.float32)[:, None],
+            "position_ids": np.ascontiguousarray(positions, np.int64)[:, :, None],
+            "logits_to_keep": np.array([1], np.int64),
+            "seqlens_k": lengths,  # each sequence's length after the step, minus 1
+            "total_sequence_length": np.array(lengths.max() + 1, np.int32),
+        }
+        b = self._batch_binding
+        for name, array in host_inputs.items():
+            b.bind_cpu_input(name, array)
+        kv_heads, head_dim = first.row_shape
+        shape = [n, kv_heads, first.max_len, head_dim]
+        for (past_k, past_v), (new_k, new_v), key, value in zip(self.past_names, self.present_names, first.keys,
+                                                                   first.values):
+            for past, new, buf in ((past_k, new_k, key), (past_v, new_v, value)):
+                b.bind_input(past, "cpu", 0, self.cache_dtype, shape, _ptr(buf))
+                b.bind_output(new, "cpu", 0, self.cache_dtype, shape, _ptr(buf))
+        logits = self._batch_logits.get(n)
+        if logits is None:
+            logits = self._batch_logits[n] = np.empty((n, 1, self.config.vocab_size), np.float32)
+        b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(b)
+        for c, on in zip(caches, active):
+            c.length += bool(on)
+        return logits[:, 0]
 
     def _check(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache, keep: int) -> tuple[int, int]:
         hidden = self.config.hidden_size

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batch import Lane
 from .engine import Engine
 from .preprocess import PreprocessedImage
 from .rope import decode_positions, mrope_positions
@@ -65,13 +66,19 @@ def stop_ids(engine_tokens) -> frozenset[int]:
 
 
 class OnnxLM:
-    def __init__(self, engine: Engine, *, reuse: bool = True, prefill_limit: int = PREFILL_CHUNK):
+    """lane (zoomin.runtime.batch): run the decoder through a step scheduler, in the lane's slot of its
+    multi-slot cache, so that this conversation's decode steps batch with other lanes'. None: call it directly."""
+
+    def __init__(self, engine: Engine, *, reuse: bool = True, prefill_limit: int = PREFILL_CHUNK,
+                 lane: "Lane | None" = None):
         self.engine = engine
         self.reuse = reuse
         self.prefill_limit = prefill_limit
+        self.lane = lane
         # On a GPU the KV cache lives in device memory, so decode steps move no KV across PCIe (not yet run on one).
         self._kv_device = "cpu" if engine.device == "cpu" else "cuda"
-        self.cache = engine.decoder.new_cache(INITIAL_CACHE, device=self._kv_device)
+        self.cache = lane.cache if lane is not None else engine.decoder.new_cache(INITIAL_CACHE,
+                                                                                  device=self._kv_device)
         self._ids = np.zeros(0, np.int64)  # ids whose KV rows are in the cache, in order
         self._positions = np.zeros((3, 0), np.int64)
         self._limit = 0  # cached ids usable by the next run (a new image caps it at the first image)
@@ -116,20 +123,24 @@ class OnnxLM:
         stopped = forced is not None
         if forced is None:
             stops = stop_ids(tok)
-            for step in range(max_new_tokens):
-                if observer is not None:
-                    observer(gen, logits)
-                token = sampler(logits)
-                if token in stops:
-                    stopped = True
-                    break
-                gen.append(token)
-                if step + 1 == max_new_tokens:
-                    break
-                p = decode_positions(self.cache.length, delta)
-                logits = e.decoder.forward(e.embed(np.array([token])), p, self.cache, 1)[-1].copy()
-                self._ids = np.append(self._ids, token)
-                self._positions = np.concatenate([self._positions, p], axis=1)
+            try:
+                for step in range(max_new_tokens):
+                    if observer is not None:
+                        observer(gen, logits)
+                    token = sampler(logits)
+                    if token in stops:
+                        stopped = True
+                        break
+                    gen.append(token)
+                    if step + 1 == max_new_tokens:
+                        break
+                    p = decode_positions(self.cache.length, delta)
+                    logits = self._decode_step(e.embed(np.array([token])), p)
+                    self._ids = np.append(self._ids, token)
+                    self._positions = np.concatenate([self._positions, p], axis=1)
+            finally:
+                if self.lane is not None:
+                    self.lane.done()
         self._limit = len(self._ids)  # the rest of this conversation may reuse all of it, answer included
         t3 = time.perf_counter()
         return Generation(
@@ -156,9 +167,17 @@ class OnnxLM:
                 lo, hi = max(a, start), min(b, end)
                 if lo < hi:
                     embeds[lo - start:hi - start] = feats[lo - a:hi - a]
-            logits = e.decoder.forward(embeds, positions[:, start:end], self.cache, 1)
+            if self.lane is not None:
+                logits = self.lane.prefill(embeds, positions[:, start:end])
+            else:
+                logits = e.decoder.forward(embeds, positions[:, start:end], self.cache, 1)[-1]
             start = end
-        return logits[-1].copy()
+        return logits.copy()
+
+    def _decode_step(self, embed: np.ndarray, position: np.ndarray) -> np.ndarray:
+        if self.lane is not None:
+            return self.lane.decode(embed, position)
+        return self.engine.decoder.forward(embed, position, self.cache, 1)[-1].copy()
 
     def _reusable(self, ids: np.ndarray) -> int:
         if not self.reuse:
@@ -184,6 +203,8 @@ class OnnxLM:
 
     def _ensure_capacity(self, keep: int, extra: int) -> None:
         need = keep + extra
+        if self.lane is not None:  # a slot of a shared cache cannot grow (its scheduler checks every call)
+            return
         if need <= self.cache.max_len:
             return
         bigger = self.engine.decoder.new_cache(max(need, 2 * self.cache.max_len), device=self._kv_device)

@@ -7,6 +7,7 @@ reference (`zoomin.hf_backend.load_hf`), so protocol, parsing, crops and token a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -15,6 +16,7 @@ from typing import Any, Protocol as Interface
 
 import numpy as np
 
+from .batch import SlotFull
 from .chat import ChatTokenizer, messages_from_dicts
 from .config import ImageConfig, ModelConfig
 from .crop import CropConfig, box_to_original, make_crop
@@ -77,6 +79,7 @@ class ZoomIn:
         self.protocol = protocol
         self._vocab_size = vocab_size
         self._scorer: VerdictScorer | None = None
+        self._lanes: list[ZoomIn] = []  # detect_batch's, made on first use
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cpu", reuse: bool = True, threads: int | None = None,
@@ -249,6 +252,8 @@ class ZoomIn:
                 result = self.detect(image, **kw)
             except ImageError as e:
                 yield name, None, str(e)
+            except SlotFull as e:
+                yield name, None, f"{name}: {e}"
             except Exception as e:
                 detail = out_of_memory(e)
                 if detail is None:
@@ -256,6 +261,106 @@ class ZoomIn:
                 yield name, None, f"{name}: out of memory ({detail})"
             else:
                 yield name, result, None
+
+    def lanes(self, count: int, max_len: int | None = None) -> list["ZoomIn"]:
+        """`count` detectors on this engine whose decode steps run batched (zoomin.runtime.batch): call them from
+        `count` threads at once and the steps of every answer in progress share one decoder call. They share the
+        engine, tokenizer and protocol; each keeps its own conversation (and system-prompt prefix) in its slot of
+        one KV cache of `max_len` rows per sequence [conversation_rows: the longest conversation the protocol
+        allows]. Which steps merge depends on the precision (zoomin.runtime.batch.merge_policy)."""
+        from .batch import Lane, StepScheduler, merge_policy
+        from .lm import OnnxLM
+
+        if not isinstance(self.lm, OnnxLM):
+            raise ValueError("batched decoding runs on an ONNX engine (ZoomIn.load), not this backend")
+        rows = max_len or conversation_rows(self.protocol, self.config.image)
+        e = self.lm.engine
+        scheduler = StepScheduler(e.decoder, count, rows, merge_policy(e.manifest.precision, e.decoder.graph))
+        return [ZoomIn(OnnxLM(self.lm.engine, reuse=self.lm.reuse, prefill_limit=self.lm.prefill_limit,
+                              lane=Lane(scheduler, b)), self.chat, self.config, self.protocol,
+                       vocab_size=self._vocab_size) for b in range(count)]
+
+    def detect_batch(self, images: Iterable[ImageSource], *, max_batch: int = 4, max_len: int | None = None,
+                     **kw: Any) -> Iterator[tuple[str, DetectResult | None, str | None]]:
+        """detect_many with up to `max_batch` images in flight, their decode steps batched (continuous batching:
+        an image starts as soon as a lane is free). Yields (name, result, error) in input order; `images` is read
+        lazily. Greedy results of fp32/fp16/int8 engines are token-identical to detect's; int4's never depend on
+        the other images in flight but can differ from detect's by MatMulNBits' M = 1 rounding
+        (zoomin.runtime.batch). max_len: as for `lanes`."""
+        held: dict[int, tuple[str, DetectResult | None, str | None]] = {}
+        i = 0
+        for index, out in self.detect_completions(images, max_batch=max_batch, max_len=max_len, **kw):
+            held[index] = out
+            while i in held:
+                yield held.pop(i)
+                i += 1
+
+    def detect_completions(self, images: Iterable[ImageSource], *, max_batch: int = 4, max_len: int | None = None,
+                           **kw: Any) -> Iterator[tuple[int, tuple[str, DetectResult | None, str | None]]]:
+        """detect_batch's results as they complete: (input index, (name, result, error)).
+
+        A lane takes its next image only after the consumer has come back for the next result: whatever the
+        consumer does with a result (zoomin.runtime.worker sends it to its parent) is done before that lane starts
+        anything new, so a process death never takes a finished result with it."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        rows = max_len or conversation_rows(self.protocol, self.config.image)
+        if len(self._lanes) != max_batch or self._lanes[0].lm.lane.scheduler.max_len != rows:
+            for lane in self._lanes[:1]:
+                lane.lm.lane.scheduler.close()
+            self._lanes = self.lanes(max_batch, rows)
+        source, taken = iter(images), [0]
+        done: list[tuple[int, Any]] = []
+        acked: set[int] = set()
+        pull, cond, stop = threading.Lock(), threading.Condition(), threading.Event()
+        live = [len(self._lanes)]
+
+        def run(lane: ZoomIn) -> None:
+            try:
+                while not stop.is_set():
+                    with pull:  # not under `cond`: a source that blocks must not hold up finished images
+                        try:
+                            image = next(source)
+                        except StopIteration:
+                            return
+                        i, taken[0] = taken[0], taken[0] + 1
+                    try:
+                        out: Any = next(lane.detect_many([image], **kw))
+                    except BaseException as e:  # a bug: handed to the consumer, raised there
+                        out = e
+                    with cond:
+                        done.append((i, out))
+                        cond.notify_all()
+                        cond.wait_for(lambda: i in acked or stop.is_set())
+                        acked.discard(i)
+            finally:
+                with cond:
+                    live[0] -= 1
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=run, args=(lane,), name=f"zoomin-batch-{b}", daemon=True)
+                   for b, lane in enumerate(self._lanes)]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                with cond:
+                    cond.wait_for(lambda: done or live[0] == 0)
+                    if not done:
+                        return
+                    i, out = done.pop(0)
+                if isinstance(out, BaseException):
+                    raise out
+                yield i, out
+                with cond:
+                    acked.add(i)
+                    cond.notify_all()
+        finally:
+            with cond:
+                stop.set()  # lanes finish the image they are on, take no more
+                cond.notify_all()
+            for t in threads:
+                t.join()
 
     def _observer(self, deadline: float | None = None) -> "_ScoreObserver":
         if self._scorer is None:
@@ -305,6 +410,19 @@ def _target(h: int, w: int, cfg: ImageConfig, min_pixels: int, max_pixels: int, 
     except ValueError as e:
         raise ImageError(name, str(e)) from None
     return (rh, rw), (rh // cfg.patch_size) * (rw // cfg.patch_size) // cfg.merge_size**2
+
+
+def conversation_rows(protocol: Protocol, image: ImageConfig, text_rows: int = 1024) -> int:
+    """KV rows the longest conversation of `protocol` takes: the full image in query 1 (and again in query 2 when
+    shown), max_boxes crops, both answers at their max_new_tokens, and `text_rows` of prompts and captions."""
+    per_token = image.factor ** 2
+    full = image.max_pixels // per_token
+    if protocol.max_image_tokens is not None:
+        full = min(full, protocol.max_image_tokens)
+    crop = min(protocol.crop_max_pixels, image.max_pixels) // per_token
+    shown = 2 if protocol.show_original_in_check else 1
+    return (shown * full + protocol.max_boxes * crop + protocol.max_new_tokens_scan + protocol.max_new_tokens_check
+            + text_rows)
 
 
 class DeadlineExceeded(TimeoutError):

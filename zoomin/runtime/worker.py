@@ -6,6 +6,10 @@ worker (a "spawn" child: no state forked from the parent) fed one image at a tim
 answer or the worker's death (its process sentinel). A death becomes that image's error, and the next image gets a
 fresh worker, which loads the engine again. Results come back pickled: the same DetectResult objects an in-process
 `ZoomIn.detect_many` yields.
+
+`detect_batch` sends the worker the whole list and it runs ZoomIn.detect_batch on it, saying when it starts each
+image: a death is then the error of every image in flight (at most max_batch), and the images not yet started go to
+a fresh worker.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import traceback
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
@@ -117,6 +122,63 @@ class IsolatedZoomIn:
                 raise WorkerError(f"{name}: the worker raised an unexpected error\n{payload}")
             yield payload
 
+    def detect_batch(self, images: Iterable[ImageSource], *, max_batch: int = 4, **kw: Any
+                     ) -> Iterator[tuple[str, Any, str | None]]:
+        """ZoomIn.detect_batch in the worker; results in input order. A worker death fails the images it had in
+        flight (at most max_batch), each with its own error, and a fresh worker takes the ones not started."""
+        images = list(images)
+        held: dict[int, Any] = {}
+        base, ready = 0, 0  # input index of the first image the next worker gets; of the next result to yield
+        while base < len(images):
+            top = base + 1
+            for index, out in self._run_batch(images[base:], max_batch, kw):
+                held[base + index] = out
+                top = max(top, base + index + 1)
+                while ready in held:
+                    yield held.pop(ready)
+                    ready += 1
+            base = top  # every image up to the last one started has its result (or its error)
+
+    def _run_batch(self, images: list, max_batch: int, kw: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+        """(index, result) as the worker completes them; when it dies, an error for each image it had started
+        and not finished, then the iteration ends (the caller restarts from the first image not started)."""
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self._discard()
+            self._start()
+        self._busy = True
+        started, finished = 0, set()
+        try:
+            self._conn.send(("batch", images, kw, max_batch))
+        except OSError:
+            pass
+        while True:
+            try:
+                reply = self._receive()
+            except OSError:
+                reply = None
+            if reply is None:
+                self._busy = False
+                code = self._discard()
+                for j in range(max(started, 1)):
+                    if j not in finished:
+                        name = source_name(images[j])
+                        yield j, (name, None, f"{name}: the worker died while processing this image, batched with "
+                                              f"up to {max_batch - 1} others ({describe_exit(code)})")
+                return
+            kind, payload = reply
+            if kind == "started":
+                started = payload + 1
+            elif kind == "done":
+                finished.add(payload[0])
+                yield payload
+            elif kind == "end":
+                self._busy = False
+                return
+            else:
+                self._busy = False
+                raise WorkerError(f"the worker raised an unexpected error\n{payload}")
+
     def close(self) -> None:
         """End the worker (at once if it is still on an image: the batch was interrupted)."""
         if self._proc is not None:
@@ -141,17 +203,47 @@ def _serve(conn: Connection, engine_dir: str, load_kw: dict[str, Any]) -> None:
         return
     conn.send(("ready", None))
     kill_on = os.environ.get(KILL_ON_ENV)
-    while True:
-        try:
-            image, kw = conn.recv()
-        except EOFError:
-            return
+
+    def check_kill(image: ImageSource) -> None:
         if kill_on and Path(source_name(image)).name == kill_on:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg[0] == "batch":
+            _serve_batch(conn, zi, *msg[1:], check_kill)
+            continue
+        image, kw = msg
+        check_kill(image)
         try:
             conn.send(("done", next(zi.detect_many([image], **kw))))
         except Exception:
             conn.send(("crashed", traceback.format_exc()))
+
+
+def _serve_batch(conn: Connection, zi, images: list, kw: dict[str, Any], max_batch: int, check_kill) -> None:
+    """Run one detect_batch, announcing each image as a lane takes it (lanes send from their threads)."""
+    lock = threading.Lock()
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def announced() -> Iterator[ImageSource]:
+        for i, image in enumerate(images):
+            send(("started", i))
+            check_kill(image)
+            yield image
+
+    try:
+        for out in zi.detect_completions(announced(), max_batch=max_batch, **kw):
+            send(("done", out))
+        send(("end", None))
+    except Exception:
+        send(("crashed", traceback.format_exc()))
 
 
 def _picklable(e: BaseException) -> bool:

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from zoomin.runtime.batch import scheduler_of
 from zoomin.runtime.image_io import ImageError, ImageTooLarge, load_image
 from zoomin.runtime.pipeline import DeadlineExceeded, DetectResult, out_of_memory
 
@@ -67,6 +68,8 @@ class Service:
     def load(self) -> None:
         try:
             detectors, self.engine_info = self._load_detectors(self.cfg)
+            for scheduler in {id(s): s for d in detectors if (s := scheduler_of(d)) is not None}.values():
+                scheduler.observers.append(self.metrics.decode_batch_size.observe)
             self.runner = Runner(detectors, max_queue=self.cfg.max_queue, on_done=self._job_done)
         except Exception as e:  # reported by /ready and every request, never a crash of the server
             self.load_error = f"cannot load the engine: {e}"
@@ -293,11 +296,12 @@ def parse_regions(key: str, raw: str) -> list:
 # -- the app --------------------------------------------------------------------------------------------------
 
 def load_engine_detectors(cfg: ServeConfig):
-    """One ZoomIn on the engine (a lane each), and the engine's summary for /v1/engine."""
+    """The runner's lanes on the engine, and the engine's summary for /v1/engine: one ZoomIn, or with max_batch
+    > 1 that many whose decode steps are batched together (ZoomIn.lanes)."""
     from zoomin.runtime import ZoomIn
 
     zi = ZoomIn.load(cfg.engine, device=cfg.device, threads=cfg.threads, **dict(cfg.protocol_overrides))
-    return [zi], engine_summary(zi)
+    return ([zi] if cfg.max_batch == 1 else zi.lanes(cfg.max_batch)), engine_summary(zi)
 
 
 def engine_summary(zi) -> dict[str, Any]:

@@ -23,6 +23,8 @@ class Metrics:
         self.request_seconds = Histogram("zoomin_request_seconds", "Detect request latency, queueing included",
                                          registry=r, buckets=_LATENCY_BUCKETS)
         self.generated_tokens = Counter("zoomin_generated_tokens", "Tokens generated (both queries)", registry=r)
+        self.decode_batch_size = Histogram("zoomin_decode_batch_size", "Sequences per batched decode step",
+                                           registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.decode_tps = Histogram("zoomin_decode_tokens_per_second", "Decode speed per image", registry=r,
                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
