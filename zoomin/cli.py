@@ -1,4 +1,4 @@
-"""`zoomin`: the runtime command line (detect) and utilities (random reference checkpoints)."""
+"""`zoomin`: the runtime command line (detect, eval, serve) and utilities (random reference checkpoints)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,13 @@ def parse_region(text: str) -> tuple[tuple[float, float, float, float], str] | t
 @click.option("--no-regions", is_flag=True, help="Teacher-force query 1 with no boxes (query 2 sees the full image).")
 @click.option("--no-reuse", is_flag=True, help="Recompute the whole conversation for query 2 (ablation).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Per query [default: protocol's].")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson", "tensorrt-llm"]), default="cpu",
+              show_default=True,
+              help="cpu/cuda/tensorrt/jetson: the ONNX graphs on ONNX Runtime (tensorrt: its TensorRT execution "
+                   "provider); tensorrt-llm: the TensorRT plans and TensorRT-LLM model of zoomin-build --target "
+                   "tensorrt (not yet run on a GPU).")
+@click.option("--trt-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="--device tensorrt/jetson: ONNX Runtime's TensorRT engine cache [default: ENGINE/.trt_cache].")
 @click.option("--backend", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
               help="onnx: the engine; hf: transformers on the original checkpoint (reference; needs the build extra).")
 @click.option("--model", "model_dir", default=None, help="Checkpoint for --backend hf (or tiny-random).")
@@ -93,8 +99,8 @@ def parse_region(text: str) -> tuple[tuple[float, float, float, float], str] | t
 @click.option("--isolate/--no-isolate", default=True, show_default=True,
               help="Run the engine in a worker process: an image that kills it (out of memory) gets its own error "
                    "and a fresh worker takes the next one. --backend hf always runs in-process.")
-def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_reuse, max_new_tokens, device, backend,
-           model_dir, temperature, top_p, seed, threads, max_image_tokens, oversize, max_batch, isolate) -> None:
+def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_reuse, max_new_tokens, device, trt_cache,
+           backend, model_dir, temperature, top_p, seed, threads, max_image_tokens, oversize, max_batch, isolate) -> None:
     """Run ZoomIn (global scan, then zoomed evidence check) on images or folders of images."""
     import json
     import sys
@@ -102,7 +108,7 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
 
     from tqdm import tqdm
 
-    from .runtime import EngineError, Sampling
+    from .runtime import EngineError, Sampling, result_record
     from .runtime.image_io import load_image
     from .runtime.providers import DeviceError
     from .runtime.worker import IsolatedZoomIn, WorkerError
@@ -119,7 +125,7 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
     if not files:
         raise click.ClickException("no images found in " + ", ".join(map(str, images)))
     try:
-        zi = _load_detector(backend, engine_dir, model_dir, device, no_reuse, threads, overrides, isolate)
+        zi = _load_detector(backend, engine_dir, model_dir, device, no_reuse, threads, overrides, isolate, trt_cache)
     except (EngineError, DeviceError, ValueError, WorkerError) as e:
         raise click.ClickException(str(e)) from None
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
@@ -130,7 +136,7 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
         bar = tqdm(files, unit="img", disable=len(files) < 2, file=sys.stderr)
         run = zi.detect_many if max_batch == 1 else partial(zi.detect_batch, max_batch=max_batch)
         for name, result, error in run(bar, regions=region_list, max_new_tokens=max_new_tokens, sampling=sampling):
-            record = {"path": name, "error": error, **(result.to_dict() if result else {})}
+            record = result_record(name, result, error)
             if sink:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
@@ -156,7 +162,7 @@ def detect(images, engine_dir, json_out, annotate_dir, regions, no_regions, no_r
 
 
 def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: bool, threads, overrides: dict,
-                   isolate: bool):
+                   isolate: bool, trt_cache: Path | None = None):
     """The detector `detect` feeds: in-process ZoomIn, or (onnx, isolated) a worker process running it."""
     if backend == "hf":
         if not model_dir:
@@ -174,7 +180,90 @@ def _load_detector(backend: str, engine_dir, model_dir, device: str, no_reuse: b
     from .runtime.worker import IsolatedZoomIn
 
     load = IsolatedZoomIn if isolate else ZoomIn.load
+    if trt_cache is not None:
+        overrides = {**overrides, "trt_cache": trt_cache}
     return load(engine_dir, device=device, reuse=not no_reuse, threads=threads, **overrides)
+
+
+@main.command("eval")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--engine", "engines", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Engine directory to evaluate; repeatable.")
+@click.option("--reference-engine", "reference", type=click.Path(path_type=Path), default=None,
+              help="Engine (say fp32) the others' drift is measured against, on the same images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Report folder: metrics.json, report.md, plots, predictions-<engine>.jsonl (a rerun resumes).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Per query [default: protocol's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N images, alternating between the labels.")
+def evaluate(data, engines, reference, out_dir, max_new_tokens, threads, limit) -> None:
+    """Evaluate engines on a labelled set: DATA is a folder with real/ and generated/, or a CSV/JSONL manifest
+    (path, label, optional boxes as JSON [[x1,y1,x2,y2], ...] in original pixels)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .eval import DatasetError, EvalError, evaluate as run_eval
+    from .runtime import EngineError, ProtocolError
+
+    def progress(spec, todo):
+        return tqdm(todo, desc=spec.name, unit="img", file=sys.stderr)
+
+    def on_error(message):
+        tqdm.write(f"error: {message}", file=sys.stderr)
+
+    try:
+        report = run_eval(data, engines, out_dir, reference=reference, max_new_tokens=max_new_tokens,
+                          threads=threads, limit=limit, progress=progress, on_error=on_error)
+    except (DatasetError, EvalError, EngineError, ProtocolError) as e:
+        raise click.ClickException(str(e)) from None
+    for name, e in report["engines"].items():
+        acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.3f}"
+        click.echo(f"{name}\taccuracy={acc}\tno-verdict={e['n_no_verdict']}/{e['n_evaluated']}"
+                   f"\terrors={e['n_errors']}")
+    click.echo(f"report: {out_dir / 'report.md'}")
+    if report["errors"]:
+        failed = len({e["key"] for e in report["errors"]})
+        raise click.ClickException(f"{failed} of {report['n_samples']} images failed (skipped; listed in "
+                                   f"{out_dir / 'metrics.json'} under errors)")
+
+
+@main.command()
+@click.argument("input_spec", metavar="INPUT")
+@click.option("--engine", "engine_dir", required=True, type=click.Path(path_type=Path),
+              help="Engine directory from zoomin-build, at the same path on every node (shared storage).")
+@click.option("--out", required=True,
+              help="Directory (local or URI) of Parquet files, or a local file ending in .jsonl.")
+@click.option("--ray-address", default=None,
+              help="Cluster to join: auto, ray://HOST:10001, ... [default: a local one].")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Engine actors (one engine each).")
+@click.option("--threads-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads per engine; also the CPUs each actor reserves.")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs each actor reserves (use with --device cuda/tensorrt).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per actor call.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Per query [default: protocol's].")
+def batch(input_spec, engine_dir, out, ray_address, actors, threads_per_actor, gpus_per_actor, device, batch_size,
+          max_new_tokens) -> None:
+    """Detect a folder, glob or .txt list of images (paths or URIs) on a Ray cluster into OUT; resumable: images
+    already in OUT are skipped (needs the ray extra)."""
+    try:
+        from .ray import run_batch
+    except ImportError as e:
+        raise click.ClickException(f"needs the ray extra (pip install 'zoomin[ray]'): {e}") from None
+    from .runtime import EngineError
+
+    try:
+        summary = run_batch(input_spec, engine_dir, out, address=ray_address, actors=actors,
+                            threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor, device=device,
+                            batch_size=batch_size, max_new_tokens=max_new_tokens, log=click.echo)
+    except (EngineError, OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{summary.written} written ({summary.errors} errors), {summary.skipped} skipped, "
+               f"{summary.images_per_s:.2f} images/s")
 
 
 @main.command()

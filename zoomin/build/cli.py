@@ -47,9 +47,20 @@ int8/int4/fp8 calibrate on --calib-images through the ZoomIn protocol and write 
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="int4: bits of the lm_head (and of a tied embedding table, which shares its codes); 8 moves the "
                    "logits less for 1.8x the head's bytes [default: 4].")
+@click.option("--target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="onnx: the ONNX engine only. tensorrt: also TensorRT plans of the vision stages and a "
+                   "ModelOpt-quantized TensorRT-LLM language model (tensorrt/ in the engine; needs the gpu extra "
+                   "and an NVIDIA GPU; not yet run on a GPU).")
+@click.option("--vision-precision", type=click.Choice(["fp16", "fp8"]), default="fp16", show_default=True,
+              help="--target tensorrt: vision plans in fp16, or fp8 from the calibrated graphs of --precision fp8.")
+@click.option("--llm-quant", type=click.Choice(["auto", "fp8", "int4_awq"]), default="auto", show_default=True,
+              help="--target tensorrt: language-model weights FP8 (with FP8 activations) or INT4-AWQ (blocks of "
+                   "128); auto: fp8 on GPUs with FP8 (compute capability >= 8.9), else int4_awq.")
+@click.option("--kv-cache", type=click.Choice(["auto", "fp16", "bf16", "fp8"]), default="auto", show_default=True,
+              help="--target tensorrt: KV cache dtype; auto keeps the model's (bf16). fp8 is opt-in: validate it.")
 def main(model: str, precision: str, out: Path | None, force: bool, protocol: Path | None, no_parity: bool,
          calib_images: Path | None, calib_size: int | None, block_size: str | None, int4_algo: str | None,
-         lm_head_bits: str | None) -> None:
+         lm_head_bits: str | None, target: str, vision_precision: str, llm_quant: str, kv_cache: str) -> None:
     """Export a Qwen2.5-VL checkpoint to a zoomin engine directory (vision encoder, embedding, KV-cache decoder)."""
     import json
 
@@ -60,16 +71,36 @@ def main(model: str, precision: str, out: Path | None, force: bool, protocol: Pa
     name = Path(model).name or "model"
     out = out or Path("engines") / f"{name}-{precision}"
     precision = precision.lower()
-    if precision in ("fp32", "fp16") and (calib_images or calib_size is not None):
-        raise click.UsageError("--calib-images/--calib-size apply to the quantized precisions int8, int4, fp8")
+    if precision in ("fp32", "fp16") and target == "onnx" and (calib_images or calib_size is not None):
+        raise click.UsageError("--calib-images/--calib-size apply to the quantized precisions int8, int4, fp8 and "
+                               "to --target tensorrt")
+    trt = None
+    if target == "tensorrt":  # refuse before the ONNX build, not after it
+        from .tensorrt import TensorRTOptions, require_gpu_stack, resolve_options
+
+        try:
+            stack = require_gpu_stack()
+            trt = resolve_options(TensorRTOptions(vision_precision, llm_quant, kv_cache), precision, stack)
+        except BuildError as e:
+            raise click.ClickException(str(e)) from None
+    elif (vision_precision, llm_quant, kv_cache) != ("fp16", "auto", "auto"):
+        raise click.UsageError("--vision-precision/--llm-quant/--kv-cache apply to --target tensorrt")
     if precision != "int4" and (block_size or int4_algo or lm_head_bits):
         raise click.UsageError("--block-size/--int4-algo/--lm-head-bits apply to --precision int4")
     opts = BuildOptions(model=Path(model), out=out, precision=precision, force=force, protocol=protocol,
                         check_parity=not no_parity, calib_images=calib_images, calib_size=calib_size,
                         block_size=int(block_size or 32), int4_algo=int4_algo or "gptq",
                         lm_head_bits=int(lm_head_bits or 4))
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
     try:
-        result = build_engine(opts, log=lambda s: click.echo(s, err=True))
+        result = build_engine(opts, log=log)
+        if trt is not None:
+            from ..runtime.manifest import Manifest
+            from .calibration import load_calibration_set
+            from .tensorrt import build_tensorrt
+
+            build_tensorrt(out, Path(model), trt, stack, load_calibration_set(calib_images, calib_size), log)
+            result.manifest = Manifest.load(out)
     except BuildError as e:
         raise click.ClickException(str(e)) from None
     for line in summary_lines(result):

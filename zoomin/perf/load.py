@@ -84,7 +84,7 @@ class ServeProcess:
 
 
 def drive(url: str, image: bytes, clients: int, requests: int, max_new_tokens: int, warmup: int = 1) -> LoadRun:
-    """`clients` closed-loop clients share `requests` timed requests after `warmup` untimed ones each."""
+    """`clients` closed-loop clients share `requests` timed requests, after `warmup` untimed ones sent alone."""
     import httpx
 
     params = {"max_new_tokens": str(max_new_tokens), "zoom_regions": json.dumps(ZOOM_REGIONS)}
@@ -101,10 +101,12 @@ def drive(url: str, image: bytes, clients: int, requests: int, max_new_tokens: i
         dt = time.perf_counter() - t0
         return r.status_code == 200, dt
 
+    with httpx.Client() as client:
+        for _ in range(warmup):
+            one(client)
+
     def worker() -> None:
         with httpx.Client() as client:
-            for _ in range(warmup):
-                one(client)
             barrier.wait()
             while True:
                 with lock:
@@ -133,7 +135,7 @@ def markdown(runs: list[LoadRun], meta: dict) -> str:
     base = {r.clients: r for r in runs if r.max_batch == 1}
     lines = [f"Engine {meta['engine']} ({meta['precision']}), {meta['machine']}, {meta['threads']} threads, "
              f"image {meta['image']}, max_new_tokens {meta['max_new_tokens']} per query, 2 zoom regions; "
-             f"{meta['requests']} timed requests per row after one warm-up request per client.", "",
+             f"{meta['requests']} timed requests per row after one warm-up request.", "",
              "| max batch | clients | images/s | p50 s | p95 s | images/s vs one at a time | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:

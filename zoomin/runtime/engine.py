@@ -34,12 +34,15 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cpu", threads: int | None = None,
-             verify: str = "size") -> "Engine":
+             verify: str = "size", trt_cache: str | Path | None = None) -> "Engine":
+        """trt_cache: the TensorRT execution provider's engine and timing cache directory (tensorrt, jetson);
+        default <engine_dir>/.trt_cache. Point it elsewhere when the engine directory is read-only."""
         import onnxruntime as ort
 
         root = Path(engine_dir)
         manifest = Manifest.load(root, verify=verify)
-        providers = providers_for(device, cache_dir=root / ".trt_cache" if device in ("tensorrt", "jetson") else None)
+        cache = Path(trt_cache) if trt_cache is not None else root / ".trt_cache"
+        providers = providers_for(device, cache_dir=cache if device in ("tensorrt", "jetson") else None)
         options = session_options(threads)
         graphs = manifest.graphs
         try:

@@ -19,6 +19,7 @@ from .engine import Engine
 from .preprocess import PreprocessedImage
 from .rope import decode_positions, mrope_positions
 from .sampling import Sampler
+from .vision import encode_new
 
 # observer(generated ids so far, logits for the next token): used for the verdict score.
 StepObserver = Callable[[list[int], np.ndarray], None]
@@ -189,17 +190,7 @@ class OnnxLM:
         return int(diff[0]) if diff.size else n
 
     def _encode_images(self, images: Sequence[PreprocessedImage]) -> None:
-        todo = [im for im in images if id(im) not in self._vision]
-        if not todo:
-            return
-        merge2 = self.engine.config.vision.spatial_merge_size ** 2
-        embeds = self.engine.vision.encode(np.concatenate([im.pixel_values for im in todo]),
-                                           np.stack([im.grid_thw for im in todo]))
-        offset = 0
-        for im in todo:
-            n = int(np.prod(im.grid_thw)) // merge2
-            self._vision[id(im)] = embeds[offset:offset + n]
-            offset += n
+        encode_new(self.engine.vision, images, self._vision, self.engine.config.vision.spatial_merge_size)
 
     def _ensure_capacity(self, keep: int, extra: int) -> None:
         need = keep + extra

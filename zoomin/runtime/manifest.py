@@ -79,6 +79,13 @@ class TableSpec:
             return f"{self.dtype} table (runtime gathers rows)"
         shared = ", the lm_head's own codes (stored once)" if self.shared_with else ""
         return f"{self.bits}-bit blocks of {self.block_size} (GatherBlockQuantized){shared}"
+def manifest_sha256(engine_dir: str | Path) -> str:
+    """sha256 of an engine's manifest.json. The manifest pins every other file's sha256, so this one hash names
+    the whole engine: what a driver hands its workers to check (`Manifest.load(expected_sha256=...)`)."""
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{engine_dir}: not an engine directory (no {MANIFEST}); build one with zoomin-build")
+    return sha256_file(path)
 
 
 @dataclass
@@ -90,6 +97,9 @@ class Manifest:
     provenance: dict[str, Any]
     parity: dict[str, Any] = field(default_factory=dict)
     embedding: TableSpec | None = None  # None only for stand-in engines that are never written
+    # `zoomin-build --target tensorrt`: versions, GPU, settings and files of the TensorRT / TensorRT-LLM artefacts
+    # (zoomin.build.tensorrt.tensorrt_record); checked by zoomin.trtllm.check_tensorrt_compat
+    tensorrt: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,10 +116,13 @@ class Manifest:
         return sum(f["size"] for f in self.files.values())
 
     @classmethod
-    def load(cls, engine_dir: str | Path, *, verify: str = "size") -> "Manifest":
+    def load(cls, engine_dir: str | Path, *, verify: str = "size", expected_sha256: str | None = None) -> "Manifest":
         """Read and check an engine's manifest.
 
         verify: "none", "size" (cheap, default: catches truncated copies) or "sha256" (reads every byte).
+        expected_sha256: the manifest file's own sha256 as computed elsewhere (`manifest_sha256`, e.g. by a
+        driver that ships the engine by path to other machines): a different manifest is refused, so every
+        worker runs the engine the driver meant, and with verify="sha256" byte for byte.
         """
         root = Path(engine_dir)
         path = root / MANIFEST
@@ -118,9 +131,13 @@ class Manifest:
         if not path.is_file():
             raise EngineError(f"{root}: not an engine directory (no {MANIFEST}); build one with zoomin-build")
         try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            raw = path.read_bytes()
+            d = json.loads(raw)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EngineError(f"{path}: unreadable manifest ({e})") from None
+        if expected_sha256 is not None and (actual := hashlib.sha256(raw).hexdigest()) != expected_sha256:
+            raise EngineError(f"{path}: sha256 {actual} differs from the expected {expected_sha256}: this is not "
+                              f"the engine the caller hashed (changed since, or another copy on this machine)")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise EngineError(f"{path}: engine format {version!r}, this runtime reads format {FORMAT_VERSION}; rebuild it")
@@ -133,6 +150,7 @@ class Manifest:
                 provenance=d.get("provenance", {}),
                 parity=d.get("parity", {}),
                 embedding=TableSpec.from_dict(d.get("embedding"), path),
+                tensorrt=d.get("tensorrt"),
             )
         except (KeyError, TypeError) as e:
             raise EngineError(f"{path}: malformed manifest (missing {e})") from None

@@ -65,6 +65,12 @@ class DetectResult:
         return asdict(self)
 
 
+def result_record(path: str, result: DetectResult | None, error: str | None) -> dict[str, Any]:
+    """One image's answer as `zoomin detect --json` writes it (and the HTTP service and `zoomin batch` return):
+    path and error, then the result's fields when there is one."""
+    return {"path": path, "error": error, **(result.to_dict() if result is not None else {})}
+
+
 RegionInput = Sequence[float] | tuple[Sequence[float], str]
 
 
@@ -83,11 +89,20 @@ class ZoomIn:
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, device: str = "cpu", reuse: bool = True, threads: int | None = None,
-             **protocol_overrides: Any) -> "ZoomIn":
+             trt_cache: str | Path | None = None, **protocol_overrides: Any) -> "ZoomIn":
+        """device: cpu, cuda, tensorrt or jetson (the ONNX graphs on ONNX Runtime; trt_cache: where the TensorRT
+        execution provider keeps its engines, default <engine>/.trt_cache), or tensorrt-llm (the engine's
+        TensorRT plans and TensorRT-LLM language model from zoomin-build --target tensorrt; not yet run on a GPU)."""
+        if device == "tensorrt-llm":
+            from .. import trtllm
+
+            lm, chat, config, protocol = trtllm.load(engine_dir, reuse=reuse)
+            protocol = protocol.replace(**protocol_overrides) if protocol_overrides else protocol
+            return cls(lm, chat, config, protocol, vocab_size=config.text.vocab_size)
         from .engine import Engine
         from .lm import OnnxLM
 
-        engine = Engine.load(engine_dir, device=device, threads=threads)
+        engine = Engine.load(engine_dir, device=device, threads=threads, trt_cache=trt_cache)
         protocol = engine.protocol.replace(**protocol_overrides) if protocol_overrides else engine.protocol
         return cls(OnnxLM(engine, reuse=reuse), engine.chat, engine.config, protocol,
                    vocab_size=engine.config.text.vocab_size)
@@ -248,19 +263,25 @@ class ZoomIn:
         batch goes on. Any other exception is a bug and propagates."""
         for image in images:
             name = source_name(image)
-            try:
-                result = self.detect(image, **kw)
-            except ImageError as e:
-                yield name, None, str(e)
-            except SlotFull as e:
-                yield name, None, f"{name}: {e}"
-            except Exception as e:
-                detail = out_of_memory(e)
-                if detail is None:
-                    raise
-                yield name, None, f"{name}: out of memory ({detail})"
-            else:
-                yield name, result, None
+            yield name, *self.try_detect(image, name=name, **kw)
+
+    def try_detect(self, image: ImageSource, *, name: str | None = None, **kw: Any
+                   ) -> tuple[DetectResult | None, str | None]:
+        """(result, None), or (None, error) for a bad image or one that runs out of memory; the error names
+        `name` (default: the source as given), so bytes read from elsewhere are reported by where they came from.
+        Any other exception is a bug and propagates."""
+        name = source_name(image) if name is None else name
+        try:
+            return self.detect(image, **kw), None
+        except ImageError as e:
+            return None, f"{name}: {e.problem}"
+        except SlotFull as e:
+            return None, f"{name}: {e}"
+        except Exception as e:
+            detail = out_of_memory(e)
+            if detail is None:
+                raise
+            return None, f"{name}: out of memory ({detail})"
 
     def lanes(self, count: int, max_len: int | None = None) -> list["ZoomIn"]:
         """`count` detectors on this engine whose decode steps run batched (zoomin.runtime.batch): call them from

@@ -35,11 +35,18 @@ def providers_for(device: str, *, cache_dir: Path | None = None) -> list:
         return [cuda, "CPUExecutionProvider"]
     if "TensorrtExecutionProvider" not in available:
         raise DeviceError(f"device {device} needs onnxruntime-gpu built with TensorRT and the TensorRT libraries")
+    if cache_dir is not None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DeviceError(f"cannot create the TensorRT engine cache {cache_dir} ({e.strerror or e}); "
+                              f"pass --trt-cache DIR") from None
     trt_options = {
         "trt_fp16_enable": True,
         "trt_engine_cache_enable": cache_dir is not None,
         "trt_engine_cache_path": str(cache_dir or ""),
         "trt_timing_cache_enable": cache_dir is not None,
+        "trt_timing_cache_path": str(cache_dir or ""),
     }
     if device == "jetson":  # Orin/Thor share DRAM between CPU and GPU: keep the TensorRT workspace modest
         trt_options["trt_max_workspace_size"] = 2 << 30

@@ -108,7 +108,7 @@ def run_tower(stages: Sequence[StageFn], pixel_values: np.ndarray, grid: np.ndar
 class VisionEncoder:
     """The vision stage graphs of an engine; the grid-dependent plan is computed here on the host (vision_meta)."""
 
-    def __init__(self, stages: str | Path | Sequence[ort.InferenceSession], cfg: VisionConfig,
+    def __init__(self, stages: str | Path | Sequence[ort.InferenceSession | StageFn], cfg: VisionConfig,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  options: ort.SessionOptions | None = None, chunk_rows: int = CHUNK_ROWS):
         if isinstance(stages, (str, Path)):
@@ -117,7 +117,10 @@ class VisionEncoder:
                 raise FileNotFoundError(f"{directory}: vision graph directory not found")
             stages = [ort.InferenceSession(str(p), sess_options=options, providers=list(providers))
                       for p in stage_files(directory)]
-        self.stages = [Stage(s, f"vision stage {i}") for i, s in enumerate(stages)]
+        # sessions are wrapped; anything else is already a stage callable with inputs/outputs (TensorRT plans,
+        # zoomin.trtllm.TrtStage)
+        self.stages = [Stage(s, f"vision stage {i}") if isinstance(s, ort.InferenceSession) else s
+                       for i, s in enumerate(stages)]
         if "pixel_values" not in self.stages[0].inputs or self.stages[-1].outputs != ("image_embeds",):
             raise ValueError("not a zoomin vision graph: the first stage must read pixel_values and the last write "
                              "image_embeds")
@@ -138,3 +141,18 @@ class VisionEncoder:
         if not np.issubdtype(pixels.dtype, np.floating):
             raise VisionInputError(f"pixel_values must be floating point, got dtype {pixels.dtype}")
         return run_tower(self.stages, np.asarray(pixels, dtype=np.float32), grid, self.cfg, self.chunk_rows)
+
+
+def encode_new(encoder, images, cache: dict[int, np.ndarray], merge_size: int) -> None:
+    """Encode the PreprocessedImages not yet in `cache` (keyed by id, one conversation's) in one `encoder.encode`
+    call and store each image's slice of the embeddings there; language-model backends share it."""
+    todo = [im for im in images if id(im) not in cache]
+    if not todo:
+        return
+    merge2 = merge_size ** 2
+    embeds = encoder.encode(np.concatenate([im.pixel_values for im in todo]), np.stack([im.grid_thw for im in todo]))
+    offset = 0
+    for im in todo:
+        n = int(np.prod(im.grid_thw)) // merge2
+        cache[id(im)] = embeds[offset:offset + n]
+        offset += n

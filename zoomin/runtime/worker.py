@@ -102,25 +102,29 @@ class IsolatedZoomIn:
     def detect_many(self, images: Iterable[ImageSource], **kw: Any) -> Iterator[tuple[str, Any, str | None]]:
         for image in images:
             name = source_name(image)
-            if self._proc is None or not self._proc.is_alive():
-                if self._proc is not None:
-                    self._discard()
-                self._start()
-            self._busy = True
-            try:
-                self._conn.send((image, kw))
-                reply = self._receive()
-            except OSError:  # the pipe broke: the worker is gone
-                reply = None
-            self._busy = False
-            if reply is None:
-                code = self._discard()
-                yield name, None, f"{name}: the worker died while processing this image ({describe_exit(code)})"
-                continue
-            kind, payload = reply
-            if kind == "crashed":
-                raise WorkerError(f"{name}: the worker raised an unexpected error\n{payload}")
-            yield payload
+            yield name, *self.try_detect(image, name=name, **kw)
+
+    def try_detect(self, image: ImageSource, *, name: str | None = None, **kw: Any) -> tuple[Any, str | None]:
+        """ZoomIn.try_detect in the worker; the worker's death on this image is its error."""
+        name = source_name(image) if name is None else name
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self._discard()
+            self._start()
+        self._busy = True
+        try:
+            self._conn.send(("one", image, name, kw))
+            reply = self._receive()
+        except OSError:  # the pipe broke: the worker is gone
+            reply = None
+        self._busy = False
+        if reply is None:
+            code = self._discard()
+            return None, f"{name}: the worker died while processing this image ({describe_exit(code)})"
+        kind, payload = reply
+        if kind == "crashed":
+            raise WorkerError(f"{name}: the worker raised an unexpected error\n{payload}")
+        return payload
 
     def detect_batch(self, images: Iterable[ImageSource], *, max_batch: int = 4, **kw: Any
                      ) -> Iterator[tuple[str, Any, str | None]]:
@@ -192,7 +196,8 @@ class IsolatedZoomIn:
 
 
 def _serve(conn: Connection, engine_dir: str, load_kw: dict[str, Any]) -> None:
-    """The worker: load the engine once, then answer (image, detect kwargs) messages until the pipe closes."""
+    """The worker: load the engine once, then answer ("one", image, name, detect kwargs) and ("batch", images,
+    detect kwargs, max_batch) messages until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent ends us
     from .pipeline import ZoomIn
 
@@ -204,8 +209,8 @@ def _serve(conn: Connection, engine_dir: str, load_kw: dict[str, Any]) -> None:
     conn.send(("ready", None))
     kill_on = os.environ.get(KILL_ON_ENV)
 
-    def check_kill(image: ImageSource) -> None:
-        if kill_on and Path(source_name(image)).name == kill_on:
+    def check_kill(name: str) -> None:
+        if kill_on and Path(name).name == kill_on:
             os.kill(os.getpid(), signal.SIGKILL)
 
     while True:
@@ -216,10 +221,10 @@ def _serve(conn: Connection, engine_dir: str, load_kw: dict[str, Any]) -> None:
         if msg[0] == "batch":
             _serve_batch(conn, zi, *msg[1:], check_kill)
             continue
-        image, kw = msg
-        check_kill(image)
+        _, image, name, kw = msg
+        check_kill(name)
         try:
-            conn.send(("done", next(zi.detect_many([image], **kw))))
+            conn.send(("done", zi.try_detect(image, name=name, **kw)))
         except Exception:
             conn.send(("crashed", traceback.format_exc()))
 
@@ -235,7 +240,7 @@ def _serve_batch(conn: Connection, zi, images: list, kw: dict[str, Any], max_bat
     def announced() -> Iterator[ImageSource]:
         for i, image in enumerate(images):
             send(("started", i))
-            check_kill(image)
+            check_kill(source_name(image))
             yield image
 
     try:

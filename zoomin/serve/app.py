@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 
 from zoomin.runtime.batch import scheduler_of
 from zoomin.runtime.image_io import ImageError, ImageTooLarge, load_image
-from zoomin.runtime.pipeline import DeadlineExceeded, DetectResult, out_of_memory
+from zoomin.runtime.pipeline import DeadlineExceeded, DetectResult, out_of_memory, result_record
 
 from .config import ServeConfig
 from .metrics import Metrics
@@ -121,7 +121,7 @@ class Service:
                                                                  outcome="timeout")))
                 continue
             error = fut.exception()
-            records.append({"path": job.name, "error": None, **fut.result().to_dict()} if error is None
+            records.append(result_record(job.name, fut.result(), None) if error is None
                            else _error_record(job.name, _http_error(job.name, error, self.cfg)))
         if batch:
             return {"results": records}
