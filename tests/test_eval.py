@@ -176,15 +176,12 @@ def test_eval_imports_no_torch_and_plots_lazily():
 # -- end to end on the tiny engines ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engines(tiny_ckpt, tiny_engine, tmp_path_factory):
-    """An int4 engine of the tiny checkpoint, the session's fp32 one, and a copy of that as the reference (a
-    separate engine run, so its zero drift shows determinism, not a file compared with itself). Parity is checked
-    by test_build / test_quantize; skipped here to keep this module fast."""
-    from zoomin.build.engine import BuildOptions, build_engine
-
+def engines(tiny_engine, tiny_quantized, tmp_path_factory):
+    """The shared int4 engine of the tiny checkpoint, the fp32 one, and a copy of that as the reference (a separate
+    engine run, so its zero drift shows determinism, not a file compared with itself), named as the report names
+    them."""
     root = tmp_path_factory.mktemp("eval-engines")
-    build_engine(BuildOptions(model=tiny_ckpt, out=root / "int4", precision="int4", calib_size=2,
-                              check_parity=False), log=lambda s: None)
+    shutil.copytree(tiny_quantized("int4").engine_dir, root / "int4")
     shutil.copytree(tiny_engine, root / "fp32")
     shutil.copytree(tiny_engine, root / "fp32ref")
     return root

@@ -288,6 +288,21 @@ def test_worker_api_errors(tiny_engine, files, tmp_path):
     assert describe_exit(-11) == "killed by signal 11 (SIGSEGV)" and describe_exit(3) == "exited with code 3"
 
 
+def test_an_abandoned_batch_leaves_no_stale_answers(tiny_engine, files):
+    """A detect_batch iterator dropped before its end (its worker's last messages unread): the next call gets its
+    own answers, from a fresh worker, not the ones left in the pipe."""
+    with IsolatedZoomIn(tiny_engine) as zi:
+        batch = zi.detect_batch([files / "broken.jpg", files / "small.png"], max_batch=2, max_new_tokens=MAX_NEW)
+        name, _, error = next(batch)
+        assert name == str(files / "broken.jpg") and "not an image" in error
+        first = zi._proc
+        del batch
+        [(name, r, e)] = zi.detect_batch([files / "tall.png"], max_batch=2, max_new_tokens=MAX_NEW)
+        assert name == str(files / "tall.png") and e is None and r.image_size == (90, 300)
+        assert zi._proc is not first
+        assert zi.try_detect(files / "small.png", max_new_tokens=MAX_NEW)[0].image_size == (100, 100)
+
+
 def test_decoder_out_of_memory_is_not_called_a_bad_image(tiny_engine, files, monkeypatch):
     """OpenCV's own allocation failure while decoding is an out-of-memory error, not 'not an image'."""
     from zoomin.runtime import image_io

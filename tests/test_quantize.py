@@ -1,8 +1,9 @@
 """Quantized engines (int8, int4, fp8): calibration through the ZoomIn protocol, graph forms, drift bounds.
 
-Every engine is built once per module. The tiny checkpoint goes through `build_engine` for every precision (the
-real product path: export, calibrate, quantize, measure drift, publish); the small checkpoint's fp32 graphs are
-exported and recorded once and quantized by each precision through the same functions the build calls.
+The tiny checkpoint goes through `build_engine` for every precision (the real product path: export, calibrate,
+quantize, measure drift, publish), once per test run (conftest's tiny_quantized, which test_eval shares); the
+small checkpoint's fp32 graphs are exported and recorded once and quantized by each precision through the same
+functions the build calls.
 Calibration uses 4 images of the default set (2 real photos, 2 synthetic) to keep the module fast.
 
 Drift bounds come from measurement (values in the comments of TINY_BOUNDS / SMALL_BOUNDS). Random weights give
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import QUANT_CALIB_SIZE
 
 from zoomin.build.calibration import (
     DEFAULT_DIR,
@@ -49,7 +51,7 @@ from zoomin.runtime.manifest import TableSpec
 from zoomin.runtime.pipeline import ZoomIn
 from zoomin.runtime.vision import stage_files
 
-CALIB_SIZE = 4
+CALIB_SIZE = QUANT_CALIB_SIZE  # what the shared tiny engines are calibrated on
 PHOTO = DEFAULT_DIR / "real" / "coffee.jpg"
 REGION = (200.0, 90.0, 370.0, 195.0)  # the coffee surface, original pixels
 
@@ -78,13 +80,8 @@ SMALL_BOUNDS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_engines(tiny_ckpt, tmp_path_factory):
-    root = tmp_path_factory.mktemp("quantized")
-    out = {}
-    for precision in ("int8", "int4", "fp8"):
-        opts = BuildOptions(model=tiny_ckpt, out=root / precision, precision=precision, calib_size=CALIB_SIZE)
-        out[precision] = build_engine(opts, log=lambda s: None)
-    return out
+def tiny_engines(tiny_quantized):
+    return {precision: tiny_quantized(precision) for precision in ("int8", "int4", "fp8")}
 
 
 @pytest.fixture(scope="module")

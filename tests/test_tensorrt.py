@@ -43,16 +43,6 @@ STACK = GpuStack({"tensorrt": "10.9.0.34", "tensorrt_llm": "1.2.0", "modelopt": 
 VISION_3B = VisionConfig(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048)
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_ckpt, tmp_path_factory):
-    """The tiny fp32 engine, built once for this module (without the parity check, which other tests cover)."""
-    from zoomin.build.engine import BuildOptions, build_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
-    build_engine(BuildOptions(model=tiny_ckpt, out=out, precision="fp32", check_parity=False), log=lambda s: None)
-    return out
-
-
 def chat_of(engine: Path, config: ModelConfig) -> ChatTokenizer:
     return ChatTokenizer.from_file(engine / "tokenizer.json", config, ChatFormat.load(engine / "chat.json"))
 

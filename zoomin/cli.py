@@ -245,9 +245,11 @@ def evaluate(data, engines, reference, out_dir, max_new_tokens, threads, limit) 
               help="GPUs each actor reserves (use with --device cuda/tensorrt).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "jetson"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per actor call.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images in flight per actor, their decode steps batched into one decoder call.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Per query [default: protocol's].")
 def batch(input_spec, engine_dir, out, ray_address, actors, threads_per_actor, gpus_per_actor, device, batch_size,
-          max_new_tokens) -> None:
+          max_batch, max_new_tokens) -> None:
     """Detect a folder, glob or .txt list of images (paths or URIs) on a Ray cluster into OUT; resumable: images
     already in OUT are skipped (needs the ray extra)."""
     try:
@@ -259,7 +261,8 @@ def batch(input_spec, engine_dir, out, ray_address, actors, threads_per_actor, g
     try:
         summary = run_batch(input_spec, engine_dir, out, address=ray_address, actors=actors,
                             threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor, device=device,
-                            batch_size=batch_size, max_new_tokens=max_new_tokens, log=click.echo)
+                            batch_size=batch_size, max_batch=max_batch, max_new_tokens=max_new_tokens,
+                            log=click.echo)
     except (EngineError, OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{summary.written} written ({summary.errors} errors), {summary.skipped} skipped, "

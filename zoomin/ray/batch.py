@@ -60,13 +60,14 @@ class BatchSummary:
 
 def run_batch(inputs: str, engine: str | Path, out: str, *, address: str | None = None, actors: int = 1,
               threads_per_actor: int = 1, gpus_per_actor: float = 0.0, device: str = "cpu", batch_size: int = 8,
-              max_new_tokens: int | None = None, rows_per_file: int = 1024,
+              max_batch: int = 4, max_new_tokens: int | None = None, rows_per_file: int = 1024,
               predictor: type[ZoomInPredictor] = ZoomInPredictor, log: Callable[[str], None] = print
               ) -> BatchSummary:
     """Detect every image named by `inputs` (see `list_inputs`) not yet in `out`, with `actors` engine actors.
 
     address: a running cluster ("auto", "ray://host:10001", ...); None starts a local one (unless this process
-    is already connected). `predictor`: ZoomInPredictor or a subclass; rows are written in SCHEMA.
+    is already connected). max_batch: images in flight per actor (continuous batching; at most batch_size
+    matter). `predictor`: ZoomInPredictor or a subclass; rows are written in SCHEMA.
     """
     engine = os.path.abspath(engine)
     Manifest.load(engine)  # a wrong path fails here, on the driver, not in every actor
@@ -86,7 +87,7 @@ def run_batch(inputs: str, engine: str | Path, out: str, *, address: str | None 
     start = time.perf_counter()
     ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
         predictor, fn_constructor_kwargs=dict(engine=engine, expected_sha=expected_sha, threads=threads_per_actor,
-                                              max_new_tokens=max_new_tokens, device=device),
+                                              max_new_tokens=max_new_tokens, device=device, max_batch=max_batch),
         concurrency=actors, batch_size=batch_size, num_cpus=threads_per_actor, num_gpus=gpus_per_actor)
     for table in _grouped(ds.iter_batches(batch_size=None, batch_format="pyarrow"), rows_per_file):
         sink.write(table)

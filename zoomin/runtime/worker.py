@@ -99,6 +99,15 @@ class IsolatedZoomIn:
             proc.join()
         return proc.exitcode
 
+    def _ensure_worker(self) -> None:
+        """A live worker with nothing pending. One that died is restarted; so is one left mid-answer by a call
+        the caller abandoned (a detect_batch iterator dropped before its end): its late replies must not be read
+        as the next call's."""
+        if self._proc is None or not self._proc.is_alive() or self._busy:
+            if self._proc is not None:
+                self._discard()
+            self._start()
+
     def detect_many(self, images: Iterable[ImageSource], **kw: Any) -> Iterator[tuple[str, Any, str | None]]:
         for image in images:
             name = source_name(image)
@@ -107,10 +116,7 @@ class IsolatedZoomIn:
     def try_detect(self, image: ImageSource, *, name: str | None = None, **kw: Any) -> tuple[Any, str | None]:
         """ZoomIn.try_detect in the worker; the worker's death on this image is its error."""
         name = source_name(image) if name is None else name
-        if self._proc is None or not self._proc.is_alive():
-            if self._proc is not None:
-                self._discard()
-            self._start()
+        self._ensure_worker()
         self._busy = True
         try:
             self._conn.send(("one", image, name, kw))
@@ -146,10 +152,7 @@ class IsolatedZoomIn:
     def _run_batch(self, images: list, max_batch: int, kw: dict[str, Any]) -> Iterator[tuple[int, Any]]:
         """(index, result) as the worker completes them; when it dies, an error for each image it had started
         and not finished, then the iteration ends (the caller restarts from the first image not started)."""
-        if self._proc is None or not self._proc.is_alive():
-            if self._proc is not None:
-                self._discard()
-            self._start()
+        self._ensure_worker()
         self._busy = True
         started, finished = 0, set()
         try:
