@@ -488,3 +488,16 @@ def test_batched_decoding_per_precision(tiny_engines):
             for k, b in ((3, 3), (3, 2), (1, 1))]
     assert runs[0] == runs[1] and runs[0][:1] == runs[2]
     assert max(int4._lanes[0].lm.lane.scheduler.batch_sizes) == 1  # the last run: one lane, a neighbour rode along
+
+
+def test_decode_floor_counts_one_row_of_each_table_format(tiny_engines):
+    """zoomin-perf's bandwidth floor reads the decoder's weights plus the token's own table row, whatever the
+    table's format: tiny's 8-bit block table (int8, int4: 1 byte a weight, a float32 scale and an 8-bit zero point
+    per 128) and fp16 rows (fp8)."""
+    from zoomin.perf.floor import engine_decode_weight_bytes, initializer_bytes
+
+    for precision, row in (("int8", lambda h: h + 5 * -(-h // 128)), ("int4", lambda h: h + 5 * -(-h // 128)),
+                           ("fp8", lambda h: 2 * h)):
+        engine, m = tiny_engines[precision].engine_dir, tiny_engines[precision].manifest
+        weights = initializer_bytes(engine / m.graphs["decoder"])
+        assert engine_decode_weight_bytes(engine) == weights + row(m.config.text.hidden_size)

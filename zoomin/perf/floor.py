@@ -46,13 +46,19 @@ def _graphs(graph):
 
 
 def engine_decode_weight_bytes(engine_dir: str | Path) -> int:
-    """Decoder graph weights plus one embedding row (the token's own, gathered from the memory-mapped table)."""
+    """Decoder graph weights plus one embedding row (the token's own, gathered from the memory-mapped table, dense
+    or block-quantized)."""
+    from ..runtime.embedding import BlockQuantizedTable, DenseTable
     from ..runtime.manifest import Manifest
 
     root = Path(engine_dir)
     manifest = Manifest.load(root, verify="none")
-    embed = np.load(root / manifest.graphs["embed_tokens"], mmap_mode="r")
-    return initializer_bytes(root / manifest.graphs["decoder"]) + embed.shape[1] * embed.dtype.itemsize
+    text = manifest.config.text
+    if manifest.embedding.format == "dense":
+        row = DenseTable.load(root / manifest.graphs["embed_tokens"]).row_bytes
+    else:
+        row = BlockQuantizedTable(None, manifest.embedding, (text.vocab_size, text.hidden_size)).row_bytes
+    return initializer_bytes(root / manifest.graphs["decoder"]) + row
 
 
 def mean_decode_context(tokens: dict[str, int]) -> float:
