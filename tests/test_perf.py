@@ -174,3 +174,19 @@ def test_run_metrics_and_summary():
     assert mean_decode_context(tokens) == np.mean([11, 12, 21])
     f = decode_floor(1000, 10, 5.0, 1e6, 2.0)
     assert f["floor_ms_per_token"] == pytest.approx(1.05) and f["fraction_of_floor"] == pytest.approx(0.525)
+
+
+def test_a_spawned_worker_reports_its_own_peak_not_its_parents():
+    """Workers are spawned from a parent that may hold a lot (the peers harness holds a checkpoint's tokenizer and
+    photos; a test process holds models): a worker's peak RSS must be its own. getrusage's ru_maxrss inherits the
+    parent's RSS at fork; every small worker reported the parent's 1.12 GiB."""
+    import multiprocessing
+
+    from zoomin.runtime.rss import peak_rss
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB resident in this process
+    parent = peak_rss()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(peak_rss)
+    assert parent > 400 * 2**20 and child < parent - 300 * 2**20, (parent, child)
+    del ballast

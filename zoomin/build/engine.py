@@ -16,7 +16,6 @@ import datetime as _dt
 import hashlib
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from ..runtime.config import ModelConfig
 from ..runtime.embedding import load_table
 from ..runtime.manifest import Manifest
 from ..runtime.protocol import Protocol
+from ..runtime.rss import peak_rss, reset_peak_rss
 from .chat_check import write_chat_format
 from .checkpoint import BuildError, load_checkpoint, validate_checkpoint
 from .embedding_table import engine_table, write_embedding
@@ -66,30 +66,6 @@ class BuildResult:
 
 
 Log = Callable[[str], None]
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """Peak resident memory in bytes: VmHWM (since the last reset_peak_rss) on Linux, else ru_maxrss (since the
-    process started)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB elsewhere
 
 
 @dataclass

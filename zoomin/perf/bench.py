@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.rss import peak_rss
 from .machine import background_cores, busy_cpu_seconds
 from .workload import ScriptedLM, Workload, run_scripted, scripts_for
 
@@ -69,18 +69,6 @@ def run_metrics(timings_ms: dict[str, float], tokens: dict[str, int]) -> dict[st
     m["decode_ms_per_token"] = decode / steps if steps else float("nan")
     m["decode_tok_s"] = 1e3 * steps / decode if steps and decode > 0 else float("nan")
     return m
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
-    if sys.platform == "win32":
-        import psutil
-
-        return int(psutil.Process().memory_info().peak_wset)
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 class Worker:
@@ -165,7 +153,7 @@ def _serve(conn, job: Job, images: list[str]) -> None:
         if msg[0] == "run":
             _, image, reuse = msg
             return _timed_run(detectors[reuse], image, scripts[image]), False
-        return {"peak_rss_bytes": peak_rss_bytes(), "info": backend_info(zi, job)}, True
+        return {"peak_rss_bytes": peak_rss(), "info": backend_info(zi, job)}, True
 
     answer_requests(conn, handle)
 

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import (QuietGate, Worker, WorkerError, _one_line, answer_requests, peak_rss_bytes, round_robin,
-                    summarize)
+from ..runtime.rss import peak_rss
+from .bench import QuietGate, Worker, WorkerError, _one_line, answer_requests, round_robin, summarize
 from .workload import FILLER, Workload
 
 PEER_NAMES = ("openvino", "ort-genai", "llama.cpp")
@@ -407,7 +406,7 @@ def _serve_peer(conn, spec: PeerSpec, images: list[str]) -> None:
         if msg[0] == "job":
             run = session.job(host, msg[1])
             return (None if run is None else asdict(run)), False
-        return {"peak_rss_bytes": peak_rss_bytes(), "info": {"notes": getattr(session, "notes", [])}}, True
+        return {"peak_rss_bytes": peak_rss(), "info": {"notes": getattr(session, "notes", [])}}, True
 
     answer_requests(conn, handle)
 
