@@ -48,16 +48,15 @@ def _graphs(graph):
 def engine_decode_weight_bytes(engine_dir: str | Path) -> int:
     """Decoder graph weights plus one embedding row (the token's own, gathered from the memory-mapped table, dense
     or block-quantized)."""
-    from ..runtime.embedding import BlockQuantizedTable, DenseTable
+    from ..runtime.embedding import DenseTable, block_row_bytes
     from ..runtime.manifest import Manifest
 
     root = Path(engine_dir)
     manifest = Manifest.load(root, verify="none")
-    text = manifest.config.text
     if manifest.embedding.format == "dense":
         row = DenseTable.load(root / manifest.graphs["embed_tokens"]).row_bytes
     else:
-        row = BlockQuantizedTable(None, manifest.embedding, (text.vocab_size, text.hidden_size)).row_bytes
+        row = block_row_bytes(manifest.embedding, manifest.config.text.hidden_size)
     return initializer_bytes(root / manifest.graphs["decoder"]) + row
 
 

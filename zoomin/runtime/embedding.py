@@ -58,9 +58,7 @@ class BlockQuantizedTable:
 
     @property
     def row_bytes(self) -> int:
-        hidden = self.shape[1]
-        blocks = -(-hidden // self.spec.block_size)
-        return -(-blocks * self.spec.block_size * self.spec.bits // 8) + 4 * blocks + -(-blocks * self.spec.bits // 8)
+        return block_row_bytes(self.spec, self.shape[1])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
@@ -68,6 +66,12 @@ class BlockQuantizedTable:
             raise IndexError(f"token ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
         out = self.session.run([self.OUTPUT], {self.INPUT: np.ascontiguousarray(ids.reshape(-1))})[0]
         return out.reshape(*ids.shape, self.shape[1])
+
+
+def block_row_bytes(spec: TableSpec, hidden: int) -> int:
+    """Bytes one lookup reads from a block_quantized table: the row's codes, float32 scales and zero points."""
+    blocks = -(-hidden // spec.block_size)
+    return -(-blocks * spec.block_size * spec.bits // 8) + 4 * blocks + -(-blocks * spec.bits // 8)
 
 
 EmbeddingTable = DenseTable | BlockQuantizedTable
